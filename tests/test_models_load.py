@@ -175,17 +175,20 @@ def test_sd3_needs_t5_tokenizer_when_t5_loaded(saved, tmp_path):
     assert loaded.text_encoders[2] is None
 
 
-def test_arch_mismatch_and_wrong_config(saved):
+def test_arch_mismatch_and_wrong_config(saved, tmp_path):
     s = saved[Arch.SD15]
     with pytest.raises(ModelLoadError) as e:
         load_base_model(s["file"], arch=Arch.SDXL, config_dir=s["folder"], tokenizer_dir=TOK)
     assert str(e.value) == f"{s['file']} holds a sd15 model but arch=sdxl was asked; set arch to auto or sd15"
-    # A tiny file against the shipped real-size configs: the error names the config and the fix.
+    # A tiny file without embedded configs against the shipped real-size ones: the error names
+    # the config and the fix.
+    bare = tmp_path / "bare.safetensors"
+    save_safetensors_atomic(bundle_to_original(s["bundle"]), str(bare))
     with pytest.raises(
         ModelLoadError,
         match=r"the UNet weights do not fit the config in .*configs/sd15/unet .*pass config_dir=",
     ):
-        load_base_model(s["file"], tokenizer_dir=TOK)
+        load_base_model(str(bare), tokenizer_dir=TOK)
 
 
 def test_prediction_type_detect_and_override(saved, tmp_path):
@@ -251,3 +254,16 @@ def test_diffusers_layout_denoiser_file_with_separate_parts(saved, tmp_path):
     assert_same_weights(b.vae, loaded.vae)
     assert_same_weights(b.text_encoders[1], loaded.text_encoders[1])
     assert loaded.text_encoders[2] is None
+
+
+@pytest.mark.parametrize("arch", [Arch.SD15, Arch.SDXL, Arch.SD3])
+def test_tiny_single_file_carries_its_configs(tmp_path, arch):
+    """A file we wrote loads like a real checkpoint would from ComfyUI's folder: no config_dir."""
+    bundle = tiny_bundle(arch, seed=3)
+    path = save_tiny_checkpoint(bundle, tmp_path / "tiny.safetensors", single_file=True)
+    # The host passes its standard CLIP tokenizer folder; the embedded tiny vocabulary must win.
+    loaded = load_base_model(path, tokenizer_dir=str(tmp_path / "no-such-tokenizer"))
+    assert loaded.arch == arch
+    ours, theirs = bundle.denoiser.state_dict(), loaded.denoiser.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,14 @@ from torch import nn
 
 from ..config import Arch
 from .bundle import ModelBundle
-from .configs import scheduler_for, shipped_config_dir
+from .configs import (
+    EMBEDDED_CONFIGS_KEY,
+    EMBEDDED_TOKENIZER_KEY,
+    scheduler_for,
+    shipped_config_dir,
+    write_embedded_configs,
+    write_embedded_tokenizer,
+)
 from .detect import LDM_PREFIX, TEXT_ENCODER_PREFIXES, VAE_PREFIX, CheckpointInfo, inspect_checkpoint
 from .errors import ModelLoadError
 from .files import SAFETENSORS_SUFFIXES, load_state_dict, read_safetensors_header
@@ -234,9 +242,11 @@ class WeightFile:
         if Path(path).suffix.lower() in SAFETENSORS_SUFFIXES:
             header = read_safetensors_header(path)
             self.shapes: dict[str, Any] = {k: v for k, v in header.items() if k != "__metadata__"}
+            self.metadata: dict[str, str] = header.get("__metadata__") or {}
         else:
             self._tensors = load_state_dict(path, allow_pickle=allow_pickle)
             self.shapes = self._tensors
+            self.metadata = {}
 
     def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """The tensors whose names start with ``prefix`` (names unchanged)."""
@@ -342,6 +352,28 @@ def load_single_file(
     wf = WeightFile(path, allow_pickle=allow_pickle)
     info = inspect_checkpoint(wf.shapes, source=path)
     _check_arch(arch, info.arch, path)
+    if not config_dir and EMBEDDED_CONFIGS_KEY in wf.metadata:
+        with tempfile.TemporaryDirectory(prefix="finetune-configs-") as tmp:
+            write_embedded_configs(wf.metadata[EMBEDDED_CONFIGS_KEY], Path(tmp) / "configs")
+            if EMBEDDED_TOKENIZER_KEY in wf.metadata:
+                # A custom vocabulary must win over the host's standard tokenizer: ids must fit the encoder.
+                tokenizer_dir = str(
+                    write_embedded_tokenizer(wf.metadata[EMBEDDED_TOKENIZER_KEY], Path(tmp) / "tokenizer")
+                )
+            return load_single_file(
+                path,
+                arch=arch,
+                config_dir=str(Path(tmp) / "configs"),
+                tokenizer_dir=tokenizer_dir,
+                vae=vae,
+                clip_l=clip_l,
+                clip_g=clip_g,
+                t5xxl=t5xxl,
+                use_t5=use_t5,
+                allow_pickle=allow_pickle,
+                prediction_type=prediction_type,
+                dtype=dtype,
+            )
     cfg = Path(config_dir) if config_dir else shipped_config_dir(info.arch)
     if not cfg.is_dir():
         raise ModelLoadError(

@@ -16,7 +16,14 @@ import torch
 
 from ..config import Arch
 from .bundle import ModelBundle
-from .configs import CONFIG_ROOT, scheduler_for
+from .configs import (
+    CONFIG_ROOT,
+    EMBEDDED_CONFIGS_KEY,
+    EMBEDDED_TOKENIZER_KEY,
+    embedded_configs,
+    embedded_tokenizer,
+    scheduler_for,
+)
 from .convert import bundle_to_original
 from .files import save_safetensors_atomic
 from .tokenizers import load_tokenizers
@@ -343,7 +350,14 @@ def save_tiny_checkpoint(
     """
     path = str(path)
     if single_file:
-        save_safetensors_atomic(bundle_to_original(bundle, include_text_encoders=include_text_encoders), path)
+        save_safetensors_atomic(
+            bundle_to_original(bundle, include_text_encoders=include_text_encoders),
+            path,
+            metadata={
+                EMBEDDED_CONFIGS_KEY: embedded_configs(bundle),
+                EMBEDDED_TOKENIZER_KEY: embedded_tokenizer(TINY_TOKENIZER_DIR),
+            },
+        )
         return path
     from .pipelines import make_pipeline
 
