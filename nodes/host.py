@@ -13,6 +13,8 @@ matching one) so parallel edits stay additive:
 4. GPU sharing: :class:`ComfyHostHooks`, what background training asks of ComfyUI.
 5. Model paths: runs' checkpoint folders registered with ComfyUI's loaders; tokenizer folder.
 6. Websocket events: :func:`send_event`.
+7. Sampling: encode, sample and decode like the stock nodes; apply a LoRA file; load a diffusion
+   model; progress bar and cancel, for checkpoint sweeps.
 """
 
 from __future__ import annotations
@@ -384,3 +386,110 @@ def send_event(event: str, data: dict) -> None:
     if server is None:
         return
     server.send_sync(event, data)
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Sampling (checkpoint sweeps): what the stock KSampler, VAEDecode, LoraLoader and
+#    UNETLoader nodes do, as plain functions.
+
+
+def sampler_names() -> list[str]:
+    """The sampler names the stock KSampler offers (``comfy.samplers.KSampler.SAMPLERS``)."""
+    import comfy.samplers
+
+    return list(comfy.samplers.KSampler.SAMPLERS)
+
+
+def scheduler_names() -> list[str]:
+    """The scheduler names the stock KSampler offers (``comfy.samplers.KSampler.SCHEDULERS``)."""
+    import comfy.samplers
+
+    return list(comfy.samplers.KSampler.SCHEDULERS)
+
+
+def encode_text(clip, text: str):
+    """CONDITIONING for ``text``, as the stock *CLIP Text Encode* node makes it."""
+    if clip is None:
+        raise ValueError("the clip input is empty: the checkpoint loader gave no text encoder; connect a CLIP")
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def sample_image(
+    model,
+    vae,
+    positive,
+    negative,
+    *,
+    seed: int,
+    steps: int,
+    cfg: float,
+    sampler_name: str,
+    scheduler: str,
+    width: int,
+    height: int,
+):
+    """Render one image like EmptyLatentImage -> KSampler -> VAEDecode (``nodes.common_ksampler``).
+
+    Returns:
+        IMAGE, float [1, height, width, 3] in 0..1.
+    """
+    import comfy.model_management
+    import comfy.sample
+    import comfy.utils
+    import latent_preview
+    import torch
+
+    latent = torch.zeros(
+        [1, 4, height // 8, width // 8],
+        device=comfy.model_management.intermediate_device(),
+        dtype=comfy.model_management.intermediate_dtype(),
+    )
+    # SD3 has 16 latent channels: ComfyUI widens an empty latent to what the model expects.
+    latent = comfy.sample.fix_empty_latent_channels(model, latent)
+    noise = comfy.sample.prepare_noise(latent, seed, None)
+    callback = latent_preview.prepare_callback(model, steps)
+    samples = comfy.sample.sample(
+        model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+        denoise=1.0, callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
+    )  # fmt: skip
+    images = vae.decode(samples)
+    if images.ndim == 5:  # video VAEs give [B, T, H, W, C]
+        images = images.reshape(-1, *images.shape[-3:])
+    return images[:1]
+
+
+def apply_lora_file(model, clip, path: str | os.PathLike, *, strength_model: float, strength_clip: float):
+    """``(model, clip)`` with the LoRA file patched on, as the stock *Load LoRA* node does; the
+    models passed in are not changed (ComfyUI clones them)."""
+    import inspect
+
+    import comfy.sd
+    import comfy.utils
+
+    lora, metadata = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
+    extra = {}
+    # ComfyUI reads LoRA metadata only since 2026; older versions have no such argument.
+    if "lora_metadata" in inspect.signature(comfy.sd.load_lora_for_models).parameters:
+        extra["lora_metadata"] = metadata
+    return comfy.sd.load_lora_for_models(model, clip, lora, strength_model, strength_clip, **extra)
+
+
+def load_diffusion_model_file(path: str | os.PathLike):
+    """A MODEL from a diffusion-model file, as the stock *Load Diffusion Model* node loads it."""
+    import comfy.sd
+
+    return comfy.sd.load_diffusion_model(str(path))
+
+
+def progress_bar(total: int):
+    """The executing node's progress bar (``comfy.utils.ProgressBar``); call ``.update(1)``."""
+    import comfy.utils
+
+    return comfy.utils.ProgressBar(total)
+
+
+def throw_if_interrupted() -> None:
+    """Raise ComfyUI's interrupt exception if the user pressed Cancel (between renders)."""
+    import comfy.model_management
+
+    comfy.model_management.throw_exception_if_processing_interrupted()
