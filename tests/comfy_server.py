@@ -106,6 +106,16 @@ def comfy_api_available() -> bool:
         importlib.import_module("comfy_api.latest")
     except ImportError:
         return False
+    if path:
+        # ComfyUI's comfy/ has no __init__.py: a namespace package whose search path follows
+        # sys.path. pytest puts the repo's parent folder there (the repo root is a package), so a
+        # checkout named "comfy" beside the repo would become part of it and <path>/utils would be
+        # imported as comfy.utils. Pin it to the checkout's comfy/ folder.
+        importlib.import_module("comfy").__path__ = [os.path.join(path, "comfy")]
+    if "comfy.model_management" not in sys.modules:
+        # Outside main.py, importing comfy.model_management (e.g. through comfy.samplers, which a
+        # schema's sampler list needs) dies on a CPU-only torch unless --cpu is set first.
+        importlib.import_module("comfy.cli_args").args.cpu = True
     return True
 
 
