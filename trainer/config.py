@@ -201,6 +201,9 @@ class TrainConfig:
     clip_g: str = option("", tooltip="SD3: separate CLIP-G file, if the checkpoint has no text encoders.", advanced=True)
     t5xxl: str = option("", tooltip="SD3: separate T5-XXL file; leave empty to train without T5 (zeros, as SD3 allows).", advanced=True)
     tokenizer_dir: str = option("", tooltip="Folder with tokenizer files, when the checkpoint is a single file and no host provides them.", hidden=True)
+    config_dir: str = option(
+        "", tooltip="Single-file checkpoints of a custom size: a diffusers-layout folder whose configs match it (default: the shipped configs).", hidden=True
+    )
     allow_pickle: bool = option(
         False, tooltip="Allow loading pickle .ckpt/.pt files. They can run arbitrary code: convert them to .safetensors instead.", advanced=True
     )
@@ -215,7 +218,7 @@ class TrainConfig:
     )
     train_text_encoder: bool = option(False, tooltip="Also train the text encoder(s) (LoRA on them for method lora, full weights for method full).")
     text_encoder_lr: float = option(
-        0.0, min=0.0, max=1.0, tooltip="Learning rate for the text encoder(s); 0 = same as learning_rate.", advanced=True
+        0.0, min=0.0, max=1.0, step=1e-7, tooltip="Learning rate for the text encoder(s); 0 = same as learning_rate.", advanced=True
     )
 
     # Data path.
@@ -235,7 +238,7 @@ class TrainConfig:
 
     # Optimiser and schedule.
     optimizer: OptimizerName = option(OptimizerName.ADAMW, tooltip="AdamW (fused on GPU), AdamW 8-bit (bitsandbytes) or Adafactor (transformers).")
-    learning_rate: float = option(1e-4, min=0.0, max=1.0, tooltip="Peak learning rate (1e-4 is usual for LoRA, 1e-6 to 2e-5 for full fine-tunes).")
+    learning_rate: float = option(1e-4, min=0.0, max=1.0, step=1e-7, tooltip="Peak learning rate (1e-4 is usual for LoRA, 1e-6 to 2e-5 for full fine-tunes).")
     weight_decay: float = option(1e-2, min=0.0, max=1.0, tooltip="AdamW weight decay.", advanced=True)
     adam_beta1: float = option(0.9, min=0.0, max=0.9999, tooltip="Adam beta1.", advanced=True)
     adam_beta2: float = option(0.999, min=0.0, max=0.99999, tooltip="Adam beta2.", advanced=True)
@@ -265,7 +268,20 @@ class TrainConfig:
     # Precision and memory.
     mixed_precision: Precision = option(Precision.BF16, tooltip="Compute precision. bf16 on modern GPUs; fp32 on CPU.")
     gradient_checkpointing: bool = option(False, tooltip="Recompute activations in the backward pass: much less VRAM, ~30 % slower.")
-    compile: bool = option(True, tooltip="torch.compile the repeated transformer blocks on CUDA (faster steps after a short compile).", advanced=True)
+    compile: bool = option(
+        True,
+        tooltip="torch.compile the repeated transformer and ResNet blocks on CUDA (much faster steps after a compile of a minute or less; cached for later runs).",
+        advanced=True,
+    )
+    channels_last: bool = option(
+        False, tooltip="Keep convolution weights in the channels-last layout on CUDA (no gain measured with compile on; can help uncompiled runs).", advanced=True
+    )
+    allow_tf32: bool = option(
+        True, tooltip="Let fp32 matrix products and convolutions use TF32 on Ampere and newer GPUs (much faster fp32, ~1e-3 relative error).", advanced=True
+    )
+    cudnn_benchmark: bool = option(
+        True, tooltip="Let cuDNN time its convolution algorithms once per new shape and keep the fastest.", advanced=True
+    )
     cache_latents: CacheMode = option(CacheMode.MEMORY, tooltip="Cache VAE latents (needs no random crop); 'disk' keeps them for later runs.")
     cache_text: CacheMode = option(CacheMode.MEMORY, tooltip="Cache text-encoder outputs (off when training a text encoder).")
     caption_variants: int = option(

@@ -1,0 +1,7 @@
+"""``python -m trainer ...``: see :mod:`trainer.cli`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

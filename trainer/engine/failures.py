@@ -1,0 +1,117 @@
+"""How a run fails: every known failure becomes one clear sentence for run.json and the UI.
+
+The loop raises the exceptions below (or lets torch/OS ones through); :func:`failure_message`
+turns any of them into what the user reads. Nothing here swallows an error: the loop ends the run
+as failed with that message, keeps every checkpoint already written, and logs the traceback of
+anything unexpected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Iterator
+
+import torch
+
+from ..models.errors import ModelLoadError
+from ..options import ConfigError
+from .state import StateError
+
+
+class TrainingFailure(RuntimeError):
+    """A failure whose message is already what the user should read."""
+
+
+class NonFiniteLoss(TrainingFailure):
+    """The loss (or the gradient) became NaN or infinite; nothing from this step may be saved."""
+
+    def __init__(self, step: int, value: float, *, precision: str, what: str = "loss"):
+        self.step = step
+        self.value = value
+        hint = (
+            "switch mixed_precision from fp16 to bf16 or fp32"
+            if precision == "fp16"
+            else "try mixed_precision fp32"
+        )
+        super().__init__(
+            f"the {what} became {value} at step {step}; the run was stopped before saving anything from this step. "
+            f"Lower the learning_rate (e.g. by 10x) or {hint}."
+        )
+
+
+class ImageReadFailure(TrainingFailure):
+    """An image that scanned fine could not be read mid-run (deleted, truncated, changed)."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        super().__init__(
+            f"could not read image {self.path}: {reason}. Fix or remove the file, then resume the run."
+        )
+
+
+class WriteFailure(TrainingFailure):
+    """Writing a checkpoint, a sample or the resume state failed."""
+
+    def __init__(self, path: str | os.PathLike, error: OSError):
+        self.path = str(path)
+        self.errno = error.errno
+        if error.errno == errno.ENOSPC:
+            text = f"disk full while writing {self.path}; free some space, then resume the run"
+        else:
+            text = f"could not write {self.path}: {error.strerror or error}"
+        super().__init__(text)
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn an ``OSError`` raised while writing ``path`` into a :class:`WriteFailure` naming it."""
+    try:
+        yield
+    except WriteFailure:
+        raise
+    except OSError as e:
+        raise WriteFailure(path, e) from e
+    except RuntimeError as e:
+        # safetensors reports a full disk as a RuntimeError carrying the OS message.
+        if "No space left" in str(e):
+            raise WriteFailure(path, OSError(errno.ENOSPC, "No space left on device")) from e
+        raise
+
+
+def oom_message(*, step: int, batch_size: int, resolution: int) -> str:
+    return (
+        f"out of GPU memory at step {step} with batch {batch_size} at {resolution} px: "
+        "lower batch_size, enable gradient_checkpointing, or lower resolution"
+    )
+
+
+def is_oom(error: BaseException) -> bool:
+    """True for CUDA (and other accelerator) out-of-memory errors."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def failure_message(error: BaseException, *, step: int, batch_size: int, resolution: int) -> str:
+    """The one sentence a user reads for ``error`` raised at ``step``.
+
+    Args:
+        error: what the loop caught.
+        step: the optimizer step being run (1-based) or the last one finished.
+        batch_size, resolution: named in the out-of-memory advice.
+    """
+    if is_oom(error):
+        return oom_message(step=step, batch_size=batch_size, resolution=resolution)
+    if isinstance(error, (TrainingFailure, ConfigError, StateError, ModelLoadError)):
+        return str(error)
+    if isinstance(error, OSError):
+        where = f" {error.filename}" if error.filename else ""
+        if error.errno == errno.ENOSPC:
+            return f"disk full while writing{where}; free some space, then resume the run"
+        return f"{type(error).__name__}{where}: {error.strerror or error}"
+    if isinstance(error, (ValueError, ImportError, FileNotFoundError)):
+        # Model, dataset and dependency errors are raised with messages meant for users.
+        return str(error)
+    return f"unexpected error at step {step}: {type(error).__name__}: {error} (the log has the traceback)"

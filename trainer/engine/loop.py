@@ -1,0 +1,566 @@
+"""The training loop: ``train(config) -> RunResult``.
+
+Order of a run: free host memory -> load the model -> add LoRA or unfreeze -> scan the dataset,
+assign buckets, make the plan, write run.json -> caches -> (validation at step 0) -> steps, with
+checkpoints, resume state, pruning and validation on their cadences -> the final checkpoint.
+
+Between steps the loop checks the user's commands (stop, pause) and, if asked, waits while the
+host (ComfyUI) is busy. Every failure ends the run with one clear message (see
+:mod:`.failures`); ``train`` never raises for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import platform
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..checkpoints import CheckpointStore
+from ..config import TrainConfig
+from ..data.buckets import BucketSet, assign_buckets
+from ..data.scan import scan_dataset
+from ..models.bundle import ModelBundle
+from ..options import ConfigError, to_dict, validate
+from ..plan import make_plan
+from ..plot import plot_metrics
+from ..runfolder import RunFolder
+from .batches import StepBatches, epoch_steps
+from .caching import cache_root
+from .events import Callbacks, Commands, FanOutCallbacks, HostHooks, Progress, RunState
+from .failures import NonFiniteLoss, failure_message, is_oom, writing
+from .inputs import Prefetcher, input_builder_for
+from .optim import OptimizerSettings, build_optimizer, build_schedule, param_groups
+from .runtime import Runtime
+from .saving import CheckpointContext, DatasetSummary, save_checkpoint
+from .setup import load_model, prepare_trainables
+from .speed import SpeedSession
+from .speed import apply as apply_speed
+from .state import Position, latest_state, list_states, load_state, save_state
+from .step import Objective, batch_loss
+from .validation import render_prompts, save_samples
+
+log = logging.getLogger("finetune")
+
+_BUSY_POLL_S = 0.25
+_RESERVE_DELTA = 64 * 2**20  # report GPU memory changes of 64 MiB or more to the host
+
+
+@dataclass
+class RunResult:
+    """How a run ended.
+
+    Attributes:
+        state: FINISHED, STOPPED or FAILED.
+        final_checkpoint: the newest checkpoint written (None if none was).
+        step: optimizer steps done.
+        message: why it ended ("finished", the failure's message...).
+        run_dir: the run folder.
+    """
+
+    state: RunState
+    final_checkpoint: str | None
+    step: int
+    message: str = ""
+    run_dir: str = ""
+
+
+def train(
+    config: TrainConfig,
+    *,
+    callbacks: Callbacks | None = None,
+    commands: Commands | None = None,
+    host: HostHooks | None = None,
+    resume: bool = False,
+    device: str | None = None,
+    model_loader: Callable[[TrainConfig], ModelBundle] | None = None,
+) -> RunResult:
+    """Train one run to its end (or until stopped) and say how it ended.
+
+    Args:
+        config: the run.
+        callbacks: receive state changes, progress, samples and checkpoints.
+        commands: stop / pause flags, checked between steps.
+        host: the host's hooks (free memory, memory reservation, busy flag).
+        resume: continue from the run's latest resume state.
+        device: "cuda:1", "cpu", ...; default the first GPU, else the CPU.
+        model_loader: loads the base model (default: from ``config.base_model``); hosts that
+            already hold the model, and tests, pass their own.
+
+    Returns:
+        A :class:`RunResult`; failures are returned as FAILED with their message, not raised.
+    """
+    return _Run(
+        config,
+        callbacks=callbacks,
+        commands=commands or Commands(),
+        host=host or HostHooks(),
+        resume=resume,
+        device=device,
+        model_loader=model_loader,
+    ).run()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that decide whether a run reproduces: python, torch, diffusers, peft, transformers."""
+    import diffusers
+    import peft
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "peft": peft.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def step_seed(seed: int, *, rank: int, step: int) -> int:
+    """The noise seed of one optimizer step on one rank (a hash, so neighbours are unrelated)."""
+    digest = hashlib.sha256(f"noise:{seed}:{rank}:{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class _Run:
+    """One call of :func:`train`; holds what the steps share."""
+
+    def __init__(self, config, *, callbacks, commands, host, resume, device, model_loader):
+        self.config: TrainConfig = config
+        self.cb = FanOutCallbacks(callbacks) if callbacks is not None else FanOutCallbacks()
+        self.commands: Commands = commands
+        self.host: HostHooks = host
+        self.resume = resume
+        self.device = device
+        self.model_loader = model_loader
+        self.folder = RunFolder.for_run(config.output_dir, config.run_name)
+        self.name = self.folder.name
+        self.store = CheckpointStore(self.folder.path, self.name)
+        self.step = 0
+        self.last_saved = -1
+        self.last_checkpoint: str | None = None
+        self.resolution = config.resolution or 0
+        self.runtime: Runtime | None = None
+        self.speed: SpeedSession | None = None
+        self.reserved_reported: int | None = None
+        self.prefetch: Prefetcher | None = None
+        self.position = Position(step=0, epoch=1, step_in_epoch=0)
+
+    # -------------------------------------------------------------------------------------------
+    # Entry
+
+    def run(self) -> RunResult:
+        try:
+            return self._run()
+        except KeyboardInterrupt:
+            self._end(
+                RunState.INTERRUPTED,
+                f"interrupted at step {self.step}; resume to continue from the last checkpoint",
+            )
+            raise
+        except Exception as e:  # every failure ends the run with a message; nothing escapes
+            message = failure_message(
+                e, step=self.step + 1, batch_size=self.config.batch_size, resolution=self.resolution
+            )
+            if message.startswith("unexpected error"):
+                log.exception("finetune: run %s failed", self.name)
+            else:
+                log.error("finetune: run %s failed: %s", self.name, message)
+            if is_oom(e) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return self._end(RunState.FAILED, message)
+        finally:
+            self.host.reserve(0)
+            if self.runtime is not None:
+                self.runtime.end()
+            if self.speed is not None:
+                self.speed.restore()
+            if self.prefetch is not None:
+                self.prefetch.close()
+
+    def _end(self, state: RunState, message: str) -> RunResult:
+        if self.runtime is None or self.runtime.is_main:
+            try:
+                self.folder.set_status(
+                    state.value, message, step=self.step, final_checkpoint=self.last_checkpoint
+                )
+            except OSError as e:  # a full disk must not hide the run's own message
+                log.error("finetune: could not record the end of run %s in run.json: %s", self.name, e)
+        self.cb.on_state(self.name, state, message)
+        return RunResult(
+            state=state,
+            final_checkpoint=self.last_checkpoint,
+            step=self.step,
+            message=message,
+            run_dir=str(self.folder.path),
+        )
+
+    def _status(self, state: RunState, message: str = "", **fields) -> None:
+        if self.runtime.is_main:
+            self.folder.set_status(state.value, message, step=self.step, **fields)
+        self.cb.on_state(self.name, state, message)
+
+    # -------------------------------------------------------------------------------------------
+    # Setup
+
+    def _run(self) -> RunResult:
+        cfg = self.config
+        validate(cfg)
+        self.runtime = rt = Runtime(precision=cfg.mixed_precision, device=self.device)
+        state_path = latest_state(self.folder.state_dir) if self.resume else None
+        if not self.resume and (self.store.list() or list_states(self.folder.state_dir)):
+            raise ConfigError(
+                "run_name",
+                f"{self.name!r} already has checkpoints in {self.folder.path}; resume that run, or choose another run_name",
+            )
+        if self.resume and state_path is None:
+            log.warning("finetune: run %s has no resume state yet; starting from step 0", self.name)
+        if rt.is_main:
+            self.folder.create()
+        self._status(RunState.RUNNING, "loading the model")
+
+        self.host.free_memory()
+        bundle = (self.model_loader or load_model)(cfg)
+        self.bundle = bundle
+        self.resolution = cfg.native_resolution(bundle.arch)
+        trainables = prepare_trainables(bundle, cfg, rt)
+        self.trainables = trainables
+        self.speed = apply_speed(
+            bundle.denoiser, cfg, rt.device, cache_dir=cache_root(cfg.output_dir) / "compile"
+        )
+        self.denoiser = rt.wrap(bundle.denoiser)
+        self._reserve()
+
+        dataset = scan_dataset(cfg.dataset)
+        if cfg.buckets:
+            bucket_set = BucketSet.make(
+                self.resolution,
+                min_side=cfg.min_bucket_resolution,
+                max_side=cfg.max_bucket_resolution,
+                step=cfg.bucket_step,
+            )
+        else:
+            bucket_set = BucketSet.square(self.resolution, step=cfg.bucket_step)
+        buckets = assign_buckets(dataset, bucket_set, allow_upscale=cfg.allow_upscale)
+        counts: Counter = Counter()
+        for item, bucket in zip(dataset.items, buckets, strict=True):
+            counts[bucket] += item.repeats
+        plan = make_plan(
+            bucket_counts=counts,
+            batch_size=cfg.batch_size,
+            gradient_accumulation=cfg.gradient_accumulation,
+            num_processes=rt.world_size,
+            epochs=cfg.epochs,
+            max_steps=cfg.max_steps,
+            checkpoint_every=cfg.checkpoint_every,
+            validation_every=cfg.validation_every,
+            warmup=cfg.lr_warmup,
+        )
+        self.dataset, self.buckets, self.plan = dataset, buckets, plan
+        started_at = time.time()
+        if rt.is_main:
+            previous = self.folder.read()
+            started_at = previous.get("started_at", started_at) if state_path is not None else started_at
+            self.folder.update(
+                config=to_dict(cfg),
+                plan=plan.to_dict(),
+                versions=library_versions(),
+                started_at=started_at,
+                model={
+                    "arch": bundle.arch.value,
+                    "prediction_type": bundle.prediction_type,
+                    "source": bundle.source,
+                },
+                buckets={f"{w}x{h}": n for (w, h), n in sorted(counts.items())},
+                device=str(rt.device),
+                precision=rt.precision.value,
+                speed=self.speed.report.to_dict(),
+                num_processes=rt.world_size,
+            )
+
+        groups = param_groups(
+            denoiser_params=trainables.denoiser,
+            text_params=trainables.text,
+            lr=cfg.learning_rate,
+            text_lr=cfg.text_encoder_lr,
+        )
+        settings = OptimizerSettings(
+            lr=cfg.learning_rate,
+            weight_decay=cfg.weight_decay,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_epsilon,
+            device_type=rt.device.type,
+        )
+        self.optimizer = build_optimizer(cfg.optimizer, groups, settings)
+        self.scheduler = build_schedule(
+            cfg.lr_scheduler,
+            self.optimizer,
+            warmup_steps=plan.warmup_steps,
+            total_steps=plan.total_steps,
+            num_cycles=cfg.lr_num_cycles,
+            power=cfg.lr_power,
+        )
+        self.objective = Objective.for_run(
+            model_prediction=bundle.prediction_type, noise_scheduler=bundle.noise_scheduler, config=cfg
+        )
+        # The seed drives LoRA init (in prepare_trainables), data order, noise and dropout.
+        torch.manual_seed(cfg.seed + rt.rank)
+        random.seed(cfg.seed + rt.rank)
+        self.noise = torch.Generator(device="cpu")
+
+        self.inputs = input_builder_for(
+            cfg,
+            bundle=bundle,
+            dataset=dataset,
+            buckets=buckets,
+            device=rt.device,
+            dtype=rt.compute_dtype,
+            trains_text_encoder=bool(trainables.text_encoder_slots),
+        )
+        self.prefetch = Prefetcher(self.inputs, workers=cfg.dataloader_workers)
+        self.ckpt_ctx = CheckpointContext(
+            config=cfg,
+            bundle=bundle,
+            plan=plan,
+            summary=DatasetSummary.of(dataset, buckets),
+            started_at=started_at,
+            num_processes=rt.world_size,
+        )
+
+        position = Position(step=0, epoch=1, step_in_epoch=0)
+        if state_path is not None:
+            position = load_state(
+                state_path,
+                params=trainables.named,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                noise_generator=self.noise,
+            )
+            self.step = self.last_saved = position.step
+            self.position = position
+            latest = self.store.latest()
+            self.last_checkpoint = (
+                str(latest.path) if latest is not None and latest.path is not None else None
+            )
+            if rt.is_main:
+                self.folder.truncate_metrics_after(position.step)
+            log.info(
+                "finetune: run %s resumes at step %d (epoch %d)", self.name, position.step, position.epoch
+            )
+        self._status(
+            RunState.RUNNING, f"resumed at step {self.step}" if self.step else "", total=plan.total_steps
+        )
+        if self.step == 0 and cfg.validation_at_start and cfg.validation_prompts:
+            self._validate(0)
+        return self._loop(position)
+
+    # -------------------------------------------------------------------------------------------
+    # The loop
+
+    def _loop(self, position: Position) -> RunResult:
+        cfg, rt, plan = self.config, self.runtime, self.plan
+        total = plan.total_steps
+        t0, s0 = time.perf_counter(), self.step
+        last_time = t0
+        for epoch in range(position.epoch, plan.epochs + 1):
+            steps = epoch_steps(
+                self.dataset,
+                self.buckets,
+                epoch=epoch,
+                seed=cfg.seed,
+                batch_size=cfg.batch_size,
+                gradient_accumulation=cfg.gradient_accumulation,
+                num_processes=rt.world_size,
+                rank=rt.rank,
+                skip=position.step_in_epoch if epoch == position.epoch else 0,
+            )
+            for i, batch in enumerate(steps):
+                if self.step >= total:
+                    break
+                if self._wait_between_steps():
+                    return self._stop()
+                images = self.prefetch.take(batch)
+                if i + 1 < len(steps) and self.step + 1 < total:
+                    self.prefetch.submit(steps[i + 1])
+                loss = self._train_step(batch, images)
+                self.step += 1
+                self.position = Position(step=self.step, epoch=epoch, step_in_epoch=batch.index + 1)
+                now = time.perf_counter()
+                self._report(
+                    loss,
+                    epoch,
+                    batch.num_samples * rt.world_size / max(now - last_time, 1e-9),
+                    (now - t0) / (self.step - s0),
+                )
+                last_time = now
+                if self.step % plan.checkpoint_every == 0 or self.step == total:
+                    self._checkpoint(self._epochs_done())
+                if cfg.validation_prompts and self.step % plan.validation_every == 0:
+                    self._validate(self.step)
+                    last_time = time.perf_counter()
+            if self.step >= total:
+                break
+        if self.last_saved != self.step:
+            self._checkpoint(self._epochs_done())
+        self._write_loss_plot()
+        return self._end(RunState.FINISHED, f"finished {self.step} steps")
+
+    def _wait_between_steps(self) -> bool:
+        """Honour pause and host-busy waits; returns True when the run must stop."""
+        rt = self.runtime
+        while True:
+            if rt.any_over_processes(self.commands.stop_requested):
+                return True
+            if self.commands.paused:
+                self._status(RunState.PAUSED, f"paused at step {self.step}")
+                while not self.commands.wait_while_paused(timeout=1.0):
+                    pass
+                if not self.commands.stop_requested:
+                    self._status(RunState.RUNNING, f"continuing from step {self.step}")
+                continue
+            if self.config.pause_while_host_busy and self.host.is_busy():
+                self.cb.on_state(self.name, RunState.PAUSED, "waiting while ComfyUI runs a prompt")
+                while self.host.is_busy() and not self.commands.stop_requested and not self.commands.paused:
+                    time.sleep(_BUSY_POLL_S)
+                self.cb.on_state(self.name, RunState.RUNNING, "")
+                continue
+            return False
+
+    def _train_step(self, batch: StepBatches, images: list) -> float:
+        """Forward and backward over the step's micro-batches, then one optimizer step.
+
+        Args:
+            batch: the step's micro-batches.
+            images: their prepared images (from the prefetcher), one list per micro-batch.
+
+        Raises:
+            NonFiniteLoss: before the update, so no NaN reaches the weights.
+        """
+        cfg, rt = self.config, self.runtime
+        n = len(batch.micro_batches)
+        step_no = self.step + 1
+        # Noise is seeded per (seed, rank, step): every rank resumes its own stream exactly.
+        self.noise.manual_seed(step_seed(cfg.seed, rank=rt.rank, step=step_no))
+        losses = []
+        for j, micro in enumerate(batch.micro_batches):
+            inputs = self.inputs.build(micro, images[j])
+            with rt.no_sync(self.denoiser, sync=j == n - 1):
+                with rt.autocast():
+                    loss = batch_loss(
+                        self.denoiser, self.bundle.arch, self.objective, inputs, generator=self.noise
+                    ).mean()
+                rt.backward(loss / n)
+            losses.append(loss.detach() / n)
+        # One device sync a step: the loss is checked before the update, so a NaN never reaches
+        # the weights (only this step's gradients, which are dropped with the run).
+        total = float(torch.stack(losses).sum())
+        if rt.any_over_processes(not math.isfinite(total)):
+            raise NonFiniteLoss(step_no, total, precision=rt.precision.value)
+        rt.all_reduce_mean([p.grad for p in self.trainables.text if p.grad is not None])
+        norm = rt.clip_gradients(self.optimizer, self.trainables.all, max_grad_norm=cfg.max_grad_norm)
+        if norm is not None and rt.scaler is None and not math.isfinite(norm):
+            raise NonFiniteLoss(step_no, norm, precision=rt.precision.value, what="gradient norm")
+        rt.step(self.optimizer)
+        self.scheduler.step()
+        return rt.mean_over_processes(total)
+
+    def _reserve(self) -> None:
+        """Tell the host how much GPU memory the run holds, when it changed noticeably (the first
+        steps and validation renders grow it after loading)."""
+        reserved = self.runtime.memory_reserved()
+        if self.reserved_reported is None or abs(reserved - self.reserved_reported) >= _RESERVE_DELTA:
+            self.host.reserve(reserved)
+            self.reserved_reported = reserved
+
+    def _report(self, loss: float, epoch: int, samples_per_s: float, seconds_per_step: float) -> None:
+        rt = self.runtime
+        self._reserve()
+        lr = float(self.scheduler.get_last_lr()[0])
+        peak = rt.peak_memory()
+        eta = (self.plan.total_steps - self.step) * seconds_per_step
+        if rt.is_main:
+            row = {
+                "step": self.step,
+                "epoch": epoch,
+                "loss": loss,
+                "lr": lr,
+                "samples_per_s": round(samples_per_s, 4),
+                "peak_vram": peak,
+                "time": time.time(),
+            }
+            with writing(self.folder.metrics_path):
+                self.folder.append_metrics(row)
+        self.cb.on_progress(
+            Progress(self.name, self.step, self.plan.total_steps, epoch, loss, lr, samples_per_s, eta, peak)
+        )
+
+    # -------------------------------------------------------------------------------------------
+    # Checkpoints, validation, stop
+
+    def _checkpoint(self, epochs_done: int) -> None:
+        rt = self.runtime
+        path = self.store.path_for(self.step)
+        if rt.is_main:
+            save_checkpoint(
+                path,
+                denoiser=rt.unwrap(self.denoiser),
+                text_slots=self.trainables.text_encoder_slots,
+                step=self.step,
+                epoch=epochs_done,
+                ctx=self.ckpt_ctx,
+            )
+            with writing(self.folder.state_dir):
+                save_state(
+                    self.folder.state_dir,
+                    position=self.position,
+                    params=self.trainables.named,
+                    optimizer=self.optimizer,
+                    scheduler=self.scheduler,
+                    noise_generator=self.noise,
+                )
+            self.store.prune(self.config.keep_checkpoints, protect={self.plan.total_steps})
+            self.folder.set_status(RunState.RUNNING.value, "", step=self.step, last_checkpoint=str(path))
+        rt.wait_for_everyone()
+        self.last_saved = self.step
+        self.last_checkpoint = str(path)
+        self.cb.on_checkpoint(self.name, self.step, str(path))
+
+    def _validate(self, step: int) -> None:
+        rt = self.runtime
+        if rt.is_main:
+            images = render_prompts(
+                self.bundle,
+                rt.unwrap(self.denoiser),
+                prompts=list(self.config.validation_prompts),
+                config=self.config,
+                runtime=rt,
+                resolution=self.resolution,
+            )
+            paths = save_samples(self.folder, step, images)
+            self.cb.on_sample(self.name, step, paths)
+        rt.wait_for_everyone()
+
+    def _epochs_done(self) -> int:
+        """Complete epochs at the current position (kohya's ``ss_epoch`` counts finished ones)."""
+        p = self.position
+        return p.epoch if p.step_in_epoch >= self.plan.steps_per_epoch else p.epoch - 1
+
+    def _stop(self) -> RunResult:
+        if self.step > 0 and self.last_saved != self.step:
+            self._checkpoint(self._epochs_done())
+        self._write_loss_plot()
+        return self._end(RunState.STOPPED, f"stopped by the user at step {self.step}; resume to continue")
+
+    def _write_loss_plot(self) -> None:
+        if self.runtime.is_main:
+            with writing(self.folder.path / "loss.png"):
+                plot_metrics(
+                    self.folder.read_metrics(0), self.folder.path / "loss.png", title=f"{self.name} loss"
+                )
