@@ -26,7 +26,8 @@ from ..trainer.config import CaptionPolicy, DatasetPart, DatasetSource, DatasetS
 from ..trainer.data.materialize import save_dataset
 from ..trainer.data.preview import dataset_summary, preview_samples, problems_report
 from ..trainer.data.scan import ScannedDataset, scan_dataset
-from ..trainer.plan import StepPlan, make_plan
+from ..trainer.plan import StepPlan
+from ..trainer.planning import plan_run
 from ..trainer.strip import labeled_strip
 from . import host
 from .types import CATEGORY, FtDataset
@@ -53,7 +54,16 @@ _SHUFFLE_FIELDS = [
     "suffix",
 ]
 _DROPOUT_FIELDS = ["caption_dropout_rate", "caption_dropout_every_n_epochs", "tag_dropout_rate"]
-_PLAN_FIELDS = ["batch_size", "gradient_accumulation", "epochs", "max_steps"]
+_PLAN_FIELDS = ["batch_size", "gradient_accumulation", "epochs", "max_steps", "resolution", "buckets"]
+# No model is connected here, so the resolution must be given (0 = "the model's" means nothing yet).
+_PLAN_OVERRIDES = {
+    "resolution": {
+        "default": 1024,
+        "min": 64,
+        "tooltip": "Training resolution, as on the train node (512 for SD1.5, 1024 for SDXL and SD3): "
+        "images are sorted into aspect buckets around it, exactly as the trainer will.",
+    }
+}
 _CADENCE_FIELDS = ["checkpoint_every", "validation_every", "lr_warmup"]
 _MAX_EXTRA_MERGE_INPUTS = 4
 
@@ -83,19 +93,9 @@ def _with_policies(spec: DatasetSpec, values: dict, *, node: str) -> DatasetSpec
 
 
 def _plan_for(scanned: ScannedDataset, values: dict, *, node: str, num_processes: int = 1) -> StepPlan:
-    """The step plan of ``scanned`` under the training widgets ``values`` (TrainConfig fields)."""
+    """The plan the trainer will follow for ``scanned`` under the training widgets ``values``."""
     config = values_to_config(TrainConfig, values, node=node)
-    return make_plan(
-        samples_per_epoch=scanned.samples_per_epoch,
-        batch_size=config.batch_size,
-        gradient_accumulation=config.gradient_accumulation,
-        num_processes=num_processes,
-        epochs=config.epochs,
-        max_steps=config.max_steps,
-        checkpoint_every=config.checkpoint_every,
-        validation_every=config.validation_every,
-        warmup=config.lr_warmup,
-    )
+    return plan_run(config, scanned, resolution=config.resolution, num_processes=num_processes).plan
 
 
 def dataset_report(scanned: ScannedDataset) -> str:
@@ -338,7 +338,7 @@ class DatasetPreview(io.ComfyNode):
                     advanced=True,
                     tooltip="Longest side of each tile in pixels (images are shrunk to it, never enlarged).",
                 ),  # fmt: skip
-                *inputs_for(TrainConfig, _PLAN_FIELDS),
+                *inputs_for(TrainConfig, _PLAN_FIELDS, overrides=_PLAN_OVERRIDES),
             ],
             outputs=[
                 io.Image.Output("grid", tooltip="The drawn samples with their captions, as one image."),
@@ -381,11 +381,11 @@ class StepPlanNode(io.ComfyNode):
             display_name="Step Plan",
             category=DATASET_CATEGORY,
             description="steps per epoch = ceil(images x repeats / (batch x GPUs) / accumulation); total = steps per "
-            "epoch x epochs (or max_steps). Cadences left at 0 default from the plan. Training with aspect buckets "
-            "can add a few steps (a batch never mixes buckets).",
+            "epoch x epochs (or max_steps), counted per aspect bucket as the trainer does (a batch never mixes "
+            "buckets). Cadences left at 0 default from the plan.",
             inputs=[
                 _dataset_input(),
-                *inputs_for(TrainConfig, [*_PLAN_FIELDS, *_CADENCE_FIELDS]),
+                *inputs_for(TrainConfig, [*_PLAN_FIELDS, *_CADENCE_FIELDS], overrides=_PLAN_OVERRIDES),
                 _num_processes_input(),
             ],
             outputs=[

@@ -363,7 +363,9 @@ def resolve_diffusers_model(name: str, *, field: str = "diffusers_model") -> Pat
         target = secure_subpath(root, name, field=field)
         if (target / "model_index.json").is_file():
             return target
-    raise UnsafePathError(f"{field}: no diffusers model {name!r} (a folder with model_index.json) in {_list(roots)}")
+    raise UnsafePathError(
+        f"{field}: no diffusers model {name!r} (a folder with model_index.json) in {_list(roots)}"
+    )
 
 
 def comfy_tokenizer_dir() -> Path:
@@ -410,7 +412,9 @@ def scheduler_names() -> list[str]:
 def encode_text(clip, text: str):
     """CONDITIONING for ``text``, as the stock *CLIP Text Encode* node makes it."""
     if clip is None:
-        raise ValueError("the clip input is empty: the checkpoint loader gave no text encoder; connect a CLIP")
+        raise ValueError(
+            "the clip input is empty: the checkpoint loader gave no text encoder; connect a CLIP"
+        )
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import sys
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -107,38 +106,14 @@ def make_run_plan(config: TrainConfig, *, num_processes: int = 1) -> dict[str, A
     Returns:
         ``{"arch", "resolution", "images", "samples_per_epoch", "problems", "buckets", "plan"}``.
     """
-    from .data.buckets import BucketSet, assign_buckets
     from .data.scan import scan_dataset
-    from .plan import make_plan
+    from .planning import plan_run
 
     arch = plan_arch(config)
     resolution = config.native_resolution(arch)
     dataset = scan_dataset(config.dataset)
-    if config.buckets:
-        bucket_set = BucketSet.make(
-            resolution,
-            min_side=config.min_bucket_resolution,
-            max_side=config.max_bucket_resolution,
-            step=config.bucket_step,
-        )
-    else:
-        bucket_set = BucketSet.square(resolution, step=config.bucket_step)
-    counts: Counter = Counter()
-    for item, bucket in zip(
-        dataset.items, assign_buckets(dataset, bucket_set, allow_upscale=config.allow_upscale), strict=True
-    ):
-        counts[bucket] += item.repeats
-    plan = make_plan(
-        bucket_counts=counts,
-        batch_size=config.batch_size,
-        gradient_accumulation=config.gradient_accumulation,
-        num_processes=num_processes,
-        epochs=config.epochs,
-        max_steps=config.max_steps,
-        checkpoint_every=config.checkpoint_every,
-        validation_every=config.validation_every,
-        warmup=config.lr_warmup,
-    )
+    run_plan = plan_run(config, dataset, resolution=resolution, num_processes=num_processes)
+    plan, counts = run_plan.plan, run_plan.bucket_counts
     return {
         "arch": arch.value,
         "resolution": resolution,

@@ -145,13 +145,17 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
 def from_dict(cls: type[T], data: Mapping[str, Any], *, prefix: str = "") -> T:
     """Build ``cls`` from a mapping, refusing unknown keys (with a did-you-mean) and bad values."""
     if not isinstance(data, Mapping):
-        raise ConfigError(prefix.rstrip(".") or cls.__name__, f"expected an object, got {type(data).__name__}")
+        raise ConfigError(
+            prefix.rstrip(".") or cls.__name__, f"expected an object, got {type(data).__name__}"
+        )
     hints = _resolved_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
             close = difflib.get_close_matches(key, sorted(names), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid options: {', '.join(sorted(names))}"
+            hint = (
+                f"; did you mean {close[0]!r}?" if close else f"; valid options: {', '.join(sorted(names))}"
+            )
             raise ConfigError(f"{prefix}{key}", f"unknown option{hint}")
     kwargs = {k: _coerce(f"{prefix}{k}", hints[k], v) for k, v in data.items()}
     obj = cls(**kwargs)
@@ -167,7 +171,12 @@ def validate(obj: Any, *, prefix: str = "") -> None:
         info = option_info(f)
         name = f"{prefix}{f.name}"
         tp, _ = _unwrap_optional(hints[f.name])
-        if isinstance(tp, type) and issubclass(tp, enum.Enum) and value is not None and not isinstance(value, tp):
+        if (
+            isinstance(tp, type)
+            and issubclass(tp, enum.Enum)
+            and value is not None
+            and not isinstance(value, tp)
+        ):
             setattr(obj, f.name, _coerce(name, tp, value))
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if info.min is not None and value < info.min:

@@ -185,7 +185,9 @@ class RunFolder:
     def samples(self) -> list[Path]:
         if not self.samples_dir.is_dir():
             return []
-        return sorted(p for p in self.samples_dir.iterdir() if p.suffix == ".png" and not p.name.startswith("."))
+        return sorted(
+            p for p in self.samples_dir.iterdir() if p.suffix == ".png" and not p.name.startswith(".")
+        )
 
     def latest_sample(self) -> Path | None:
         files = self.samples()

@@ -17,7 +17,6 @@ import math
 import platform
 import random
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,11 +24,10 @@ import torch
 
 from ..checkpoints import CheckpointStore
 from ..config import TrainConfig
-from ..data.buckets import BucketSet, assign_buckets
 from ..data.scan import scan_dataset
 from ..models.bundle import ModelBundle
 from ..options import ConfigError, to_dict, validate
-from ..plan import make_plan
+from ..planning import plan_run
 from ..plot import plot_metrics
 from ..runfolder import RunFolder
 from .batches import StepBatches, epoch_steps
@@ -239,30 +237,8 @@ class _Run:
         self._reserve()
 
         dataset = scan_dataset(cfg.dataset)
-        if cfg.buckets:
-            bucket_set = BucketSet.make(
-                self.resolution,
-                min_side=cfg.min_bucket_resolution,
-                max_side=cfg.max_bucket_resolution,
-                step=cfg.bucket_step,
-            )
-        else:
-            bucket_set = BucketSet.square(self.resolution, step=cfg.bucket_step)
-        buckets = assign_buckets(dataset, bucket_set, allow_upscale=cfg.allow_upscale)
-        counts: Counter = Counter()
-        for item, bucket in zip(dataset.items, buckets, strict=True):
-            counts[bucket] += item.repeats
-        plan = make_plan(
-            bucket_counts=counts,
-            batch_size=cfg.batch_size,
-            gradient_accumulation=cfg.gradient_accumulation,
-            num_processes=rt.world_size,
-            epochs=cfg.epochs,
-            max_steps=cfg.max_steps,
-            checkpoint_every=cfg.checkpoint_every,
-            validation_every=cfg.validation_every,
-            warmup=cfg.lr_warmup,
-        )
+        run_plan = plan_run(cfg, dataset, resolution=self.resolution, num_processes=rt.world_size)
+        buckets, plan = run_plan.item_buckets, run_plan.plan
         self.dataset, self.buckets, self.plan = dataset, buckets, plan
         started_at = time.time()
         if rt.is_main:
@@ -278,7 +254,7 @@ class _Run:
                     "prediction_type": bundle.prediction_type,
                     "source": bundle.source,
                 },
-                buckets={f"{w}x{h}": n for (w, h), n in sorted(counts.items())},
+                buckets={f"{w}x{h}": n for (w, h), n in run_plan.bucket_counts.items()},
                 device=str(rt.device),
                 precision=rt.precision.value,
                 speed=self.speed.report.to_dict(),
