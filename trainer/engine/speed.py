@@ -9,9 +9,10 @@ the GPU idles between them. What this module switches on (bench/ measures each p
   (transformer blocks and ResNet blocks) in place. Instances of one class share their compiled
   graph, so compiling costs about one block per shape rather than the whole model, and the
   model's Python control flow, gradient checkpointing, LoRA saving and DDP stay as they are.
-  Inside a block, LoRA, norms, casts and activations fuse into few kernels.
-- **channels_last** (``channels_last``): convolution weights in NHWC, the layout the GPU's
-  convolution kernels prefer; the UNet's transformer reshapes then become views.
+  Inside a block, LoRA, norms, casts and activations fuse into few kernels. Measured on an H100:
+  1.33-1.41x the plain loop's LoRA samples/s (SD1.5, SDXL, SD3) with 15-30 % less peak memory.
+- **channels_last** (``channels_last``, off by default): convolution weights in NHWC. With the
+  ResNet blocks compiled it measured no gain (inductor picks the layout inside a region).
 - **TF32** (``allow_tf32``): fp32 matrix products on the tensor cores (bf16/fp16 runs hardly
   have any; fp32 runs get several times faster).
 - **cuDNN autotuning** (``cudnn_benchmark``): cuDNN times its algorithms once per new shape.
