@@ -19,16 +19,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 from comfy_api.latest import io, ui
-from PIL import Image
 
 from ..trainer.checkpoints import CheckpointInfo, checkpoint_method, fingerprint, list_checkpoints
 from ..trainer.runfolder import RUNS_SUBDIR, RunPathError, list_runs, resolve_inside
 from ..trainer.runs import RunHandle
 from ..trainer.strip import labeled_strip
 from . import host
+from .images import image_to_pils, pil_to_image
 from .types import CATEGORY, FtCheckpoints, FtRun
 
 log = logging.getLogger("finetune")
@@ -55,24 +54,6 @@ def run_names() -> list[str]:
 def split_lines(text: str) -> list[str]:
     """One entry per non-empty line, stripped (prompts, labels)."""
     return [line.strip() for line in (text or "").splitlines() if line.strip()]
-
-
-def image_to_pils(images: torch.Tensor) -> list[Image.Image]:
-    """ComfyUI IMAGE (float [B, H, W, C] in 0..1) to RGB PIL images."""
-    if images.ndim != 4:
-        raise ValueError(f"expected an IMAGE batch [B, H, W, C], got a tensor of shape {tuple(images.shape)}")
-    arrays = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    out = []
-    for array in arrays:
-        if array.shape[-1] == 1:
-            array = array[..., 0]
-        out.append(Image.fromarray(array).convert("RGB"))
-    return out
-
-
-def pil_to_image(img: Image.Image) -> torch.Tensor:
-    """A PIL image as ComfyUI's IMAGE: float32 [1, H, W, 3] in 0..1."""
-    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
 def checkpoint_folder(run: str, folder: str, train_run: RunHandle | None = None) -> Path:

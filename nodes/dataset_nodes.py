@@ -17,10 +17,7 @@ import dataclasses
 import hashlib
 import os
 
-import numpy as np
-import torch
 from comfy_api.latest import io, ui
-from PIL import Image
 
 from ..trainer.config import CaptionPolicy, DatasetPart, DatasetSource, DatasetSpec, TrainConfig
 from ..trainer.data.materialize import save_dataset
@@ -30,6 +27,7 @@ from ..trainer.plan import StepPlan
 from ..trainer.planning import plan_run
 from ..trainer.strip import labeled_strip
 from . import host
+from .images import pil_to_image
 from .types import CATEGORY, FtDataset
 from .widgets import inputs_for, values_to_config
 
@@ -126,12 +124,6 @@ def folder_fingerprint(folder: str | os.PathLike) -> str:
             rel = os.path.relpath(path, folder)
             digest.update(f"{rel}\0{st.st_size if st else -1}\0{st.st_mtime_ns if st else -1}\n".encode())
     return digest.hexdigest()
-
-
-def pil_to_image(img: Image.Image) -> torch.Tensor:
-    """A PIL image as ComfyUI's IMAGE: float32 [1, H, W, 3] in 0..1."""
-    array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array)[None]
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,8 +15,6 @@ import copy
 import dataclasses
 import time
 
-import numpy as np
-import torch
 from comfy_api.latest import io, ui
 from PIL import Image, ImageDraw
 
@@ -26,6 +24,7 @@ from ..trainer.plot import loss_curve_image
 from ..trainer.runfolder import RunPathError, sanitize_run_name
 from ..trainer.runs import RunHandle, RunInfo, RunNotFound, RunStateError
 from . import host
+from .images import pil_to_image
 from .types import CATEGORY, FtDataset, FtRun
 from .widgets import inputs_for, values_to_config, widget_names
 
@@ -298,11 +297,6 @@ def _manager():
     from .extension import running_service
 
     return running_service().manager
-
-
-def pil_to_image(img: Image.Image) -> torch.Tensor:
-    """A PIL image as ComfyUI's IMAGE: float32 [1, H, W, 3] in 0..1."""
-    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
 def _placeholder(text: str, size: tuple[int, int] = (256, 64)) -> Image.Image:

@@ -180,7 +180,8 @@ def test_inputs_for_maps_types_limits_and_flags():
     # hidden fields and nested configs never become widgets
     assert {"output_dir", "dataset", "tokenizer_dir"}.isdisjoint(by_id)
     lr = by_id["learning_rate"].as_dict()
-    assert (lr["default"], lr["min"], lr["max"], lr["step"]) == (1e-4, 0.0, 1.0, 1e-5)
+    # An explicit step: full fine-tune rates such as 1.5e-5 need 7 decimals in the frontend.
+    assert (lr["default"], lr["min"], lr["max"], lr["step"]) == (1e-4, 0.0, 1.0, 1e-7)
     assert by_id["adam_beta2"].as_dict()["step"] == 1e-4  # 0.999 survives the frontend's rounding
     assert by_id["lr_scheduler"].as_dict()["options"] == [
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
@@ -315,7 +316,7 @@ def test_step_plan_numbers(tmp_path):
     folder = make_folder(tmp_path, "10_style", {f"img{i}": f"style, {i}" for i in range(5)})
     out = nodes.StepPlanNode.execute(
         dataset=_spec(folder), batch_size=6, gradient_accumulation=1, epochs=30, max_steps=0,
-        checkpoint_every=0, validation_every=0, lr_warmup=0.1, num_processes=1,
+        resolution=512, buckets=True, checkpoint_every=0, validation_every=0, lr_warmup=0.1, num_processes=1,
     )  # fmt: skip
     summary, *numbers = out.args
     # 5 images x 10 repeats = 50 samples / batch 6 -> 9 steps per epoch; x 30 = 270; warm-up 10 % = 27
