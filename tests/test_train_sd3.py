@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from safetensors.torch import load_file
 from train_helpers import eval_inputs, eval_loss, make_images, tiny_config
@@ -65,3 +67,33 @@ def test_sd3_full_checkpoint_is_in_comfyui_layout(tmp_path):
     tensors = load_file(result.final_checkpoint)
     assert any(k.startswith("joint_blocks.0.x_block.attn.qkv.") for k in tensors)
     assert {t.dtype for t in tensors.values()} == {__import__("torch").float16}
+
+
+def test_the_tutorials_full_fine_tune_settings_run_as_one_config(tmp_path):
+    """lr 1.5e-5, batch 6, cosine with 10 % warm-up, checkpoint every 800 keeping 30, validation every 200."""
+    data = make_images(tmp_path / "data", [(64, 64)], repeats=12)
+    config = tiny_config(
+        tmp_path,
+        data,
+        method="full",
+        learning_rate=1.5e-5,
+        batch_size=6,
+        lr_scheduler="cosine",
+        lr_warmup=0.1,
+        checkpoint_every=800,
+        keep_checkpoints=30,
+        validation_every=200,
+        epochs=2,
+    )
+    result = train(config, model_loader=lambda c: tiny_bundle(Arch.SD3, seed=0, with_t5=False), device="cpu")
+    assert result.state == RunState.FINISHED, result.message
+    run = RunFolder.for_run(config.output_dir, "tiny").read()
+    plan = run["plan"]
+    # 12 samples / batch 6 = 2 steps an epoch, 2 epochs; the cadences are the tutorial's, not the defaults.
+    assert (plan["total_steps"], plan["checkpoint_every"], plan["validation_every"]) == (4, 800, 200)
+    assert run["config"]["learning_rate"] == 1.5e-5 and run["config"]["keep_checkpoints"] == 30
+    lrs = [row["lr"] for row in RunFolder.for_run(config.output_dir, "tiny").read_metrics()]
+    # warm-up round(0.1 * 4) = 0 steps, then cosine from the peak to 0 over 4 steps (logged after each step)
+    assert lrs == pytest.approx([1.5e-5 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(1, 5)], abs=1e-12)
+    # the run's end is always checkpointed even when the cadence is longer than the run
+    assert CheckpointStore(RunFolder.for_run(config.output_dir, "tiny").path, "tiny").path_for(4).is_file()
