@@ -26,10 +26,10 @@ DATASET_INPUTS = {
     "FinetuneDatasetRepeat": ["dataset", "repeat_factor"],
     "FinetuneMergeDatasets": ["dataset_1", "dataset_2", "dataset_3", "dataset_4", "dataset_5", "dataset_6"],
     "FinetuneDatasetPreview": [
-        "dataset", "epoch", "seed", "count", "columns", "tile_size", "batch_size", "gradient_accumulation", "epochs", "max_steps",
+        "dataset", "epoch", "seed", "count", "columns", "tile_size", "batch_size", "gradient_accumulation", "epochs", "max_steps", "resolution", "buckets",
     ],
     "FinetuneStepPlan": [
-        "dataset", "batch_size", "gradient_accumulation", "epochs", "max_steps", "checkpoint_every", "validation_every",
+        "dataset", "batch_size", "gradient_accumulation", "epochs", "max_steps", "resolution", "buckets", "checkpoint_every", "validation_every",
         "lr_warmup", "num_processes",
     ],
     "FinetuneSaveDataset": ["dataset", "folder", "seed", "overwrite"],
@@ -74,7 +74,7 @@ def _preview(source: str) -> dict:
         "class_type": "FinetuneDatasetPreview",
         "inputs": {
             "dataset": [source, 0], "epoch": 1, "seed": 1, "count": 4, "columns": 2, "tile_size": 32,
-            "batch_size": 2, "gradient_accumulation": 1, "epochs": 3, "max_steps": 0,
+            "batch_size": 2, "gradient_accumulation": 1, "epochs": 3, "max_steps": 0, "resolution": 512, "buckets": True,
         },
     }  # fmt: skip
 
