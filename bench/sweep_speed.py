@@ -7,8 +7,13 @@ checkpoint through ``/prompt``, on a real ComfyUI running on the CPU.
 The base model is the real-size random-weight SD1.5 checkpoint of ``tests/comfy_models.py``
 (cached under /tmp); the LoRAs are kohya files of rank 16 on every UNet attention projection (the
 trainer's default targets), random weights. Both methods start with the base model already
-loaded (one warm-up render), and every repeat uses freshly named LoRA files, so ComfyUI's cache
-helps neither method with a LoRA it has seen. Prints both times, per render, and their ratio.
+loaded (one warm-up render), every repeat uses freshly named LoRA files, so ComfyUI's cache helps
+neither method with a LoRA it has seen, and the methods take turns going first. Prints both
+times, per render, and their ratio.
+
+With ComfyUI's default cache the per-checkpoint prompts reuse the loaded base model too, so the
+difference is per-prompt overhead; ``--cache-none`` shows a server that keeps nothing between
+prompts, where each per-checkpoint prompt loads the base model again and the sweep node does not.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -155,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64, help="render width and height in pixels (default 64)")
     parser.add_argument("--steps", type=int, default=4, help="sampling steps per render (default 4)")
     parser.add_argument("--repeats", type=int, default=2, help="times to measure each method (default 2)")
+    parser.add_argument(
+        "--cache-none",
+        action="store_true",
+        help="start ComfyUI with --cache-none (nothing kept between prompts: each per-checkpoint prompt reloads the base)",
+    )
+    parser.add_argument(
+        "--log", type=Path, help="copy the server's log here (render times per sampling step)"
+    )
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -165,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     if not comfy_path:
         parser.error("set COMFYUI_PATH to a ComfyUI checkout (and run with its python)")
     with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp:
-        proc, client = start_server(Path(comfy_path), Path(tmp))
+        extra = ("--cache-none",) if args.cache_none else ()
+        proc, client = start_server(Path(comfy_path), Path(tmp), extra_args=extra)
         try:
             ckpt = "bench-sd15.safetensors"
             (client.models_dir / "checkpoints" / ckpt).symlink_to(cached_checkpoint("sd15"))
@@ -174,11 +189,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         finally:
             stop_server(proc)
+            if args.log:
+                shutil.copyfile(client.log_path, args.log)
     node, per = statistics.median(times["node"]), statistics.median(times["per_checkpoint"])
     n = args.checkpoints
-    print(
-        f"\nSD1.5 real size, CPU, {n} LoRA checkpoints, {args.size} px, {args.steps} steps (median of {args.repeats})"
-    )
+    cache = "ComfyUI --cache-none" if args.cache_none else "ComfyUI's default cache"
+    print(f"\nSD1.5 real size, CPU, {n} LoRA checkpoints, {args.size} px, {args.steps} steps, {cache}")
+    print(f"(median of {args.repeats} repeats; both methods start with the base model loaded)")
     print(f"  Checkpoint Sweep node, one prompt:      {node:7.1f} s  ({node / n:5.2f} s per checkpoint)")
     print(f"  stock workflow queued per checkpoint:   {per:7.1f} s  ({per / n:5.2f} s per checkpoint)")
     print(f"  ratio (per-checkpoint / node):          {per / node:7.2f}x")

@@ -136,3 +136,66 @@ def test_node_sweep_matches_the_stock_nodes_through_the_api_client(setup, tmp_pa
     for label, mine, stock in zip(LABELS, node_tiles, client_tiles, strict=True):
         diff = ImageChops.difference(mine, stock)
         assert max(hi for _, hi in diff.getextrema()) <= 1, f"{label}: node and stock renders differ"
+
+
+# --------------------------------------------------------------------------------------------
+# The base model is built once for a whole sweep (added by the workflows engineer, issue 6)
+
+COUNT_STEPS = (3, 100, 20)  # written out of order; sorted by name they would be 100, 20, 3
+COUNT_PROMPTS = ["a cat", "a red house"]
+
+
+def _log_count(comfy: ComfyClient, text: str) -> int:
+    return comfy.log_path.read_text(encoding="utf-8", errors="replace").count(text)
+
+
+def _temp_image(comfy: ComfyClient, entry: dict) -> Image.Image:
+    return Image.open(comfy.base_dir / "temp" / entry["subfolder"] / entry["filename"]).convert("RGB")
+
+
+def test_sweep_builds_the_base_model_once_for_every_checkpoint_and_prompt(setup: ComfyClient):
+    comfy = setup
+    folder = comfy.output_dir / "sweepcount"
+    folder.mkdir()
+    for step in COUNT_STEPS:  # kohya-style names without zero padding
+        _lora(folder / f"sweepcount-step{step}.safetensors", seed=step)
+    _lora(folder / "sweepcount.safetensors", seed=99)  # the final file
+    # A name no earlier prompt loaded, so this prompt has to load it: exactly once.
+    ckpt = "sweepcount-sd15.safetensors"
+    (comfy.models_dir / "checkpoints" / ckpt).symlink_to(cached_checkpoint("sd15"))
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {
+            "class_type": "FinetuneRunCheckpoints",
+            "inputs": {"run": "(none)", "folder": "sweepcount", "every_k": 1, "step_min": 0, "step_max": 0, "include_base": True},
+        },
+        "3": {
+            "class_type": "FinetuneCheckpointSweep",
+            "inputs": {
+                "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "checkpoints": ["2", 0],
+                "positive": "\n".join(COUNT_PROMPTS), "negative": "", "width": 64, "height": 64, "lora_strength": 1.0, **SAMPLING,
+            },
+        },
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}},
+        "5": {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}},
+        "6": {"class_type": "PreviewAny", "inputs": {"source": ["3", 2]}},
+    }  # fmt: skip
+    # ComfyUI logs "model_type EPS" each time it builds a diffusion model (comfy/model_base.py):
+    # loading a checkpoint does, patching a LoRA onto a loaded model does not.
+    watched = ("model_type ", "lora key not loaded", "finetune: sweep render")
+    counts = {text: _log_count(comfy, text) for text in watched}
+    outputs = comfy.run(prompt, timeout=900)["outputs"]
+    added = {text: _log_count(comfy, text) - before for text, before in counts.items()}
+    labels = ["base", "step 3", "step 20", "step 100", "final"]
+    assert added == {"model_type ": 1, "lora key not loaded": 0, "finetune: sweep render": len(labels) * 2}
+    assert outputs["5"]["text"] == ["\n".join(labels)]
+    assert outputs["6"]["text"] == ["\n".join(COUNT_PROMPTS)]
+    renders = [_temp_image(comfy, entry) for entry in outputs["4"]["images"]]
+    assert len(renders) == len(labels) * len(COUNT_PROMPTS)  # prompt by prompt, checkpoints in order
+    assert {r.size for r in renders} == {(64, 64)}
+    first_row = renders[: len(labels)]
+    for a in range(len(labels)):  # every checkpoint renders differently from every other
+        for b in range(a + 1, len(labels)):
+            differ = ImageChops.difference(first_row[a], first_row[b]).getbbox() is not None
+            assert differ, (labels[a], labels[b])
+    assert ImageChops.difference(renders[0], renders[len(labels)]).getbbox() is not None  # the two prompts
