@@ -5,6 +5,8 @@ On the GPU (real-size models with random weights, built from the shipped configs
     python -m bench                       # issue 7's table: reference vs our defaults
     python -m bench --cases sdxl-lora-b4 --variants ref,eager,blocks,regions,default
     python -m bench --e2e sdxl-lora-b4:240:20 --cases none   # end to end through train()
+    accelerate launch --num_processes 2 -m bench --cases none --e2e sdxl-lora-b4:90:30
+                                          # the same run on two GPUs (samples/s of both)
 
 On the CPU (tiny models, no compilation; checks that everything runs)::
 
@@ -22,6 +24,7 @@ import gc
 import json
 import logging
 import math
+import os
 import platform
 import sys
 import time
@@ -78,14 +81,16 @@ def _count_flops(step, model, case: BenchCase, device: torch.device) -> float:
     """FLOPs of one forward + backward (without gradient-checkpointing recomputation)."""
     if device.type != "cuda":
         return 0.0
-    gc_on = case.gradient_checkpointing and hasattr(model, "disable_gradient_checkpointing")
-    if gc_on:
-        model.disable_gradient_checkpointing()
+    # Switched off and on by the flag diffusers' blocks read, so the run's own checkpointing
+    # function (see trainer.engine.setup) stays in place.
+    checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in checkpointed:
+        m.gradient_checkpointing = False
     try:
         return float(train_flops(step))
     finally:
-        if gc_on:
-            model.enable_gradient_checkpointing()
+        for m in checkpointed:
+            m.gradient_checkpointing = True
 
 
 def _compile_stats() -> str:
@@ -127,7 +132,7 @@ def run_case(
             print_row(rows[-1])
             continue
         t_build = time.perf_counter()
-        session = None
+        session = graphs = None
         try:
             if variant == "ref":
                 step, model = reference_step(case, device, smoke=smoke)
@@ -137,11 +142,17 @@ def run_case(
                 settings = variant_settings(variant, VARIANTS[variant], device=device)
                 ours = our_step(case, device, settings, smoke=smoke)
                 step, model, session, count = ours.step, ours.model, ours.session, ours.fwd_bwd
+                graphs = ours.graphs
                 r = ours.report
                 note = (
                     f"compiled {r.compiled_regions}"
                     + (" cl" if r.channels_last else "")
                     + (f" ({r.compile_skipped})" if r.compile_skipped and settings.compile else "")
+                    + (
+                        f" (no graphs: {r.cuda_graphs_skipped})"
+                        if r.cuda_graphs_skipped and settings.cuda_graphs
+                        else ""
+                    )
                 )
             build_s = time.perf_counter() - t_build
             key = (case.arch, case.method, case.batch, case.resolution)
@@ -158,6 +169,11 @@ def run_case(
                 note=note,
             )
             m.note = (m.note + f" build {build_s:.0f}s" + _compile_stats()).strip()
+            if graphs is not None:
+                st = graphs.stats
+                m.note += f" graphs {st.captured}/{st.replayed}/{st.eager}" + (
+                    f" OFF: {st.disabled}" if st.disabled else ""
+                )
             if key not in flops_cache:
                 m.mfu = math.nan
             if profile:
@@ -186,7 +202,9 @@ def run_case(
         finally:
             if session is not None:
                 session.restore()
-            step = model = count = None  # noqa: F841 - drop the references before freeing
+            if graphs is not None:
+                graphs.release()
+            step = model = count = graphs = None  # noqa: F841 - drop the references before freeing
             _free(device, reset_compiled=not keep_compiled)
         rows.append(m)
         print_row(m)
@@ -259,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--no-t5", action="store_true", help="SD3 end to end without T5-XXL")
     p.add_argument(
+        "--e2e-no-compile", action="store_true", help="end-to-end runs without compile (quick checks)"
+    )
+    p.add_argument(
+        "--verbose", action="store_true", help="the trainer's log at DEBUG (tracebacks of fallbacks)"
+    )
+    p.add_argument(
         "--keep-compiled",
         action="store_true",
         help="keep compiled blocks between measurements (as one process training again would): saves compile time",
@@ -275,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        logging.getLogger("finetune").setLevel(logging.DEBUG)
 
     t0 = time.monotonic()
     deadline = t0 + args.budget_s
@@ -282,6 +308,21 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run with --smoke on the CPU", file=sys.stderr)
         return 2
+    from trainer.engine.runtime import launched_world_size
+
+    world = launched_world_size()
+    # Under accelerate launch every rank runs this; rank 0 alone prints.
+    say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)
+    if world > 1:
+        if args.cases != "none":
+            print(
+                "under accelerate launch only end-to-end runs are measured: pass --cases none --e2e ...",
+                file=sys.stderr,
+            )
+            return 2
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
     table = SMOKE_CASES if args.smoke else CASES
     names = (
         list(table)
@@ -294,26 +335,26 @@ def main(argv: list[str] | None = None) -> int:
     variants = [v for v in args.variants.split(",") if v]
     bad = [v for v in variants if v != "ref" and v not in VARIANTS]
     if unknown or bad:
-        print(
+        say(
             f"unknown cases {unknown} or variants {bad}; cases: {list(table)}; variants: ref, {list(VARIANTS)}",
             file=sys.stderr,
         )
         return 2
     warmup, timed = (1, 2) if args.smoke else (args.warmup, args.timed)
     env = _environment(device)
-    print("environment:", json.dumps(env), flush=True)
-    print(HEADER, flush=True)
+    say("environment:", json.dumps(env), flush=True)
+    say(HEADER, flush=True)
 
     results: dict = {"environment": env, "rows": [], "parity": [], "e2e": []}
     out = Path(args.out) if args.out else None
 
     def save() -> None:
-        if out is not None:
+        if out is not None and say is print:
             out.mkdir(parents=True, exist_ok=True)
             (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
 
     def print_row(m: Measurement) -> None:
-        print(row_text(m), flush=True)
+        say(row_text(m), flush=True)
 
     flops_cache: dict = {}
     all_rows: list[Measurement] = []
@@ -342,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == args.parity:
             line = parity(rows)
             results["parity"].append(line)
-            print(line, flush=True)
+            say(line, flush=True)
         save()
 
     from .e2e import run_e2e
@@ -360,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if time.monotonic() > deadline:
             e2e_lines.append(f"{case_name} e2e: skipped (time budget)")
-            print(e2e_lines[-1], flush=True)
+            say(e2e_lines[-1], flush=True)
             continue
         case = table[case_name]
         if args.smoke:
@@ -375,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                 workdir=Path(args.workdir),
                 smoke=args.smoke,
                 with_t5=not args.no_t5,
+                compile=not args.e2e_no_compile,
             )
             ref = step_only.get(case_name)
             vs = (
@@ -391,6 +433,11 @@ def main(argv: list[str] | None = None) -> int:
                     if r.checkpoint_s
                     else ""
                 )
+                + (
+                    f"; {r.processes} processes, plan {r.plan}, files {r.checkpoint_files}"
+                    if r.processes > 1
+                    else ""
+                )
             )
             results["e2e"].append(r.to_dict())
         except Exception as e:  # report and go on with the next run
@@ -402,18 +449,18 @@ def main(argv: list[str] | None = None) -> int:
             same_model_next = following is not None and following.arch == case.arch
             _free(device, reset_compiled=not (args.keep_compiled or same_model_next))
         e2e_lines.append(line)
-        print(line, flush=True)
+        say(line, flush=True)
         save()
 
-    print(f"\n=== table ({env.get('gpu', 'cpu')}, torch {env['torch']}, {time.monotonic() - t0:.0f}s) ===")
-    print(HEADER)
+    say(f"\n=== table ({env.get('gpu', 'cpu')}, torch {env['torch']}, {time.monotonic() - t0:.0f}s) ===")
+    say(HEADER)
     for m in all_rows:
-        print(row_text(m))
+        say(row_text(m))
     for m in all_rows:
         if m.profile:
-            print(f"profile {m.name}: {m.profile}")
+            say(f"profile {m.name}: {m.profile}")
     for line in results["parity"] + e2e_lines:
-        print(line)
+        say(line)
     save()
     return 0
 

@@ -54,7 +54,12 @@ SMOKE_CASES: dict[str, BenchCase] = {
 }
 
 _OFF = SpeedSettings(
-    compile=False, channels_last=False, tf32=False, cudnn_benchmark=False, fallback_to_eager=False
+    compile=False,
+    channels_last=False,
+    tf32=False,
+    cudnn_benchmark=False,
+    fallback_to_eager=False,
+    cuda_graphs=False,
 )
 _ON = SpeedSettings(fallback_to_eager=False)
 
@@ -72,10 +77,12 @@ COARSE_REGIONS = (
 #: (the TrainConfig defaults), except that a failing compile fails the row instead of falling back.
 VARIANTS: dict[str, SpeedSettings] = {
     "eager": _OFF,
+    "eager+graphs": replace(_OFF, cuda_graphs=True),
     "blocks": replace(_OFF, compile=True, regions=TRANSFORMER_REGIONS),
     "regions": replace(_OFF, compile=True, regions=COMPILE_REGIONS),
     "regions+cl": replace(_OFF, compile=True, regions=COMPILE_REGIONS, channels_last=True),
     "default": _ON,
+    "default-graphs": replace(_ON, cuda_graphs=False),
     "default+cl": replace(_ON, channels_last=True),
     "default-static": replace(_ON, dynamic=False),
     "coarse": replace(_ON, regions=COARSE_REGIONS),

@@ -8,6 +8,8 @@ done, and it spans a checkpoint when the run is long enough, so the figure is wh
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import statistics
 import time
@@ -17,9 +19,12 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from trainer.checkpoints import CheckpointStore
 from trainer.engine.events import Callbacks, Progress
 from trainer.engine.loop import train
+from trainer.engine.runtime import launched_world_size
 from trainer.options import to_dict
+from trainer.runfolder import RunFolder
 
 from .cases import BenchCase
 from .measure import BusySampler
@@ -29,19 +34,39 @@ from .ours import case_config
 _COLOURS = [(230, 40, 40), (40, 80, 230), (40, 200, 90), (240, 200, 30), (200, 60, 200), (30, 200, 220)]
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def make_dataset(folder: Path, *, size: int, count: int) -> Path:
-    """``count`` square images (a coloured disc on a gradient) with captions, in a kohya folder."""
+    """``count`` square images (a coloured disc on a gradient) with captions, in a kohya folder.
+
+    Under ``accelerate launch`` rank 0 writes it into a temporary folder and renames it into place;
+    the other ranks wait for it.
+    """
     sub = folder / "1_things"
     if sub.is_dir() and len(list(sub.glob("*.png"))) == count:
         return folder
+    if _rank() != 0:
+        deadline = time.monotonic() + 600
+        while not (sub.is_dir() and len(list(sub.glob("*.png"))) == count):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {_rank()}: rank 0 did not write the dataset {folder}")
+            time.sleep(0.5)
+        return folder
     shutil.rmtree(folder, ignore_errors=True)
-    sub.mkdir(parents=True)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "1_things").mkdir(parents=True)
     for i in range(count):
         img = Image.linear_gradient("L").resize((size, size)).convert("RGB")
         draw = ImageDraw.Draw(img)
         draw.ellipse([size // 4, size // 4, 3 * size // 4, 3 * size // 4], fill=_COLOURS[i % len(_COLOURS)])
-        img.save(sub / f"img{i:03d}.png")
-        (sub / f"img{i:03d}.txt").write_text(f"a photo of a thing, colour {i}, disc", encoding="utf-8")
+        img.save(tmp / "1_things" / f"img{i:03d}.png")
+        (tmp / "1_things" / f"img{i:03d}.txt").write_text(
+            f"a photo of a thing, colour {i}, disc", encoding="utf-8"
+        )
+    tmp.rename(folder)
     return folder
 
 
@@ -82,6 +107,9 @@ class EndToEnd:
         setup_s: building the model (before ``train`` is called).
         step_ms: median step time in the window (checkpoint steps included in the median's input).
         checkpoint_s: extra time of the step after each checkpoint in the window, over the median.
+        processes: processes that trained together (samples/s counts all of them).
+        plan: the run's plan as run.json records it (global batch, steps per epoch).
+        checkpoint_files: LoRA files in the run folder at the end (written once, by rank 0).
     """
 
     name: str
@@ -96,6 +124,9 @@ class EndToEnd:
     setup_s: float = 0.0
     step_ms: float = 0.0
     checkpoint_s: list[float] = field(default_factory=list)
+    processes: int = 1
+    plan: dict = field(default_factory=dict)
+    checkpoint_files: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,6 +143,7 @@ def run_e2e(
     workdir: Path,
     smoke: bool = False,
     with_t5: bool = True,
+    compile: bool = True,
 ) -> EndToEnd:
     """Train ``case`` for ``steps`` steps through ``train`` and measure its steady window.
 
@@ -123,12 +155,16 @@ def run_e2e(
         workdir: where the dataset and the run folder go (wiped first).
         smoke: tiny models on the CPU.
         with_t5: SD3: build and use T5-XXL for caching the captions.
+        compile: the run's ``compile`` (off: quick checks of the rest, e.g. CUDA graphs).
     """
     if not 0 < warm < steps:
         raise ValueError(f"warm must be between 0 and steps ({steps}), got {warm}")
     data = make_dataset(workdir / f"data-{case.resolution}-{images}", size=case.resolution, count=images)
     out = workdir / "runs"
-    shutil.rmtree(out / "finetune" / f"bench-{case.name}", ignore_errors=True)
+    world = launched_world_size()
+    if _rank() == 0:
+        # The other ranks reach train() only after rank 0 does: joining the process group waits.
+        shutil.rmtree(out / "finetune" / f"bench-{case.name}", ignore_errors=True)
     config = case_config(
         case,
         device=device,
@@ -140,6 +176,7 @@ def run_e2e(
         keep_checkpoints=2,
         pause_while_host_busy=False,
         use_t5=with_t5,
+        compile=compile,
     )
     t0 = time.perf_counter()
     bundle = (
@@ -168,6 +205,13 @@ def run_e2e(
             (warm, steps),
             setup_s,
         )
+    folder = RunFolder.for_run(str(out), config.run_name)
+    run_json = json.loads(folder.run_json.read_text()) if folder.run_json.is_file() else {}
+    plan = {
+        k: run_json.get("plan", {}).get(k)
+        for k in ("batch_size", "num_processes", "samples_per_epoch", "steps_per_epoch", "total_steps")
+    }
+    files = [c.path.name for c in CheckpointStore(folder.path, config.run_name).list() if c.path]
     window_s = clock.times[steps] - clock.times[warm]
     busy = clock.busy.fraction
     durations = {s: clock.times[s] - clock.times[s - 1] for s in range(warm + 1, steps + 1)}
@@ -178,7 +222,7 @@ def run_e2e(
         name=f"{case.name} e2e",
         state=f"{result.state.value}: {result.message}",
         steps=done,
-        samples_per_s=case.batch * (steps - warm) / window_s,
+        samples_per_s=case.batch * world * (steps - warm) / window_s,
         peak_gib=peak,
         gpu_busy=busy if busy is not None else float("nan"),
         first_steps_s=clock.times[warm] - t_start,
@@ -187,6 +231,9 @@ def run_e2e(
         setup_s=setup_s,
         step_ms=median * 1e3,
         checkpoint_s=checkpoint_s,
+        processes=world,
+        plan=plan,
+        checkpoint_files=files,
     )
 
 

@@ -25,7 +25,7 @@ class Measurement:
         name: "<case> <variant>".
         samples_per_s: batch / median step time.
         step_ms: median step time.
-        peak_gib: peak allocated memory over the timed steps (after warm-up).
+        peak_gib: peak allocated memory over warm-up and the timed steps.
         gpu_busy: fraction of wall time a kernel ran during the timed steps (NVML).
         mfu: model FLOPs per step (forward + backward, no recomputation) / step time / peak.
         compile_s: warm-up time beyond ``warmup`` steady steps (compilation, autotuning).
@@ -150,13 +150,17 @@ def measure(
         warmup: steps before timing (compilation and cuDNN autotuning happen here).
         timed: timed steps; the median is reported.
     """
-    warm_times, warm_losses = time_steps(step, device, count=warmup)
+    # Peak over warm-up too: a CUDA graph's activations are allocated while it is captured (in
+    # warm-up) and only replayed later, so the timed steps alone would not show them.
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    warm_times, warm_losses = time_steps(step, device, count=warmup)
     with BusySampler(device) as busy:
         times, losses = time_steps(step, device, count=timed)
     med = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    if device.type == "cuda":  # what the allocator holds, CUDA graph pools included
+        note = f"{note} reserved {torch.cuda.max_memory_reserved(device) / 2**30:.1f}".strip()
     return Measurement(
         name=name,
         samples_per_s=batch / med,

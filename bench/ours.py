@@ -11,13 +11,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from types import SimpleNamespace
+from types import MethodType, SimpleNamespace
 
 import torch
 from torch import nn
 
 from trainer.config import TrainConfig
 from trainer.engine import speed
+from trainer.engine.graphs import StepGraphs, step_graphs_for
 from trainer.engine.inputs import DenoiserInputs
 from trainer.engine.loop import _Run
 from trainer.engine.optim import OptimizerSettings, build_optimizer, build_schedule, param_groups
@@ -73,6 +74,7 @@ class OurStep:
         model: the denoiser (for cleanup).
         report: what speed.apply did.
         session: restores the process-wide flags.
+        graphs: the step graphs (None when the variant has them off).
     """
 
     step: Callable[[], float]
@@ -80,6 +82,7 @@ class OurStep:
     model: nn.Module
     report: speed.SpeedReport
     session: speed.SpeedSession
+    graphs: StepGraphs | None = None
 
 
 def our_step(
@@ -107,7 +110,9 @@ def our_step(
             weight_decay=config.weight_decay,
             betas=(config.adam_beta1, config.adam_beta2),
             eps=config.adam_epsilon,
-            device_type=rt.device.type,
+            # The smoke run takes the fused AdamW a GPU run gets (the CPU has it too), so the
+            # graph step's device-side update runs there as well.
+            device_type="cuda" if smoke else rt.device.type,
         ),
     )
     scheduler = build_schedule(config.lr_scheduler, optimizer, warmup_steps=0, total_steps=1_000_000)
@@ -122,13 +127,27 @@ def our_step(
         time_ids=raw["time_ids"].to(rt.compute_dtype) if "time_ids" in raw else None,
         captions=[""] * case.batch,
     )
+    denoiser = rt.wrap(bundle.denoiser)
+    graphs = step_graphs_for(
+        denoiser,
+        bundle.arch,
+        trainables,
+        runtime=rt,
+        enabled=settings.cuda_graphs,
+        lora_dropout=config.lora_dropout,
+        report=session.report,
+    )
+    if smoke and settings.cuda_graphs and graphs is None:
+        # No CUDA graphs on the CPU: emulated ones (tests/test_graphs.py) check the plumbing.
+        graphs = StepGraphs(denoiser, bundle.arch, trainables.denoiser, autocast_dtype=None, emulate=True)
     # The loop's own step method, on the attributes it reads (see _Run._train_step).
     run = SimpleNamespace(
         config=config,
         runtime=rt,
         step=0,
         inputs=_FixedInputs(inputs),
-        denoiser=rt.wrap(bundle.denoiser),
+        denoiser=denoiser,
+        graphs=graphs,
         bundle=bundle,
         objective=objective,
         noise=torch.Generator(device="cpu").manual_seed(1),
@@ -136,6 +155,8 @@ def our_step(
         optimizer=optimizer,
         scheduler=scheduler,
     )
+    # The methods _train_step calls on its run, bound to this namespace.
+    run._update_queued = MethodType(_Run._update_queued, run)
     batch = SimpleNamespace(micro_batches=[None])
     # The loop hands the prefetched images of each micro-batch in (engine versions differ).
     extra = ([None],) if "images" in inspect.signature(_Run._train_step).parameters else ()
@@ -151,9 +172,19 @@ def our_step(
                 run.denoiser, bundle.arch, objective, inputs, generator=torch.Generator().manual_seed(2)
             ).mean()
         loss.backward()
-        optimizer.zero_grad(set_to_none=True)
+        if graphs is not None:
+            graphs.zero_grad()  # the gradients are views of the graphs' buffers
+        else:
+            optimizer.zero_grad(set_to_none=True)
 
-    return OurStep(step=step, fwd_bwd=fwd_bwd, model=bundle.denoiser, report=session.report, session=session)
+    return OurStep(
+        step=step,
+        fwd_bwd=fwd_bwd,
+        model=bundle.denoiser,
+        report=session.report,
+        session=session,
+        graphs=graphs,
+    )
 
 
 def variant_settings(name: str, base: speed.SpeedSettings, *, device: torch.device) -> speed.SpeedSettings:

@@ -104,6 +104,8 @@ def test_on_the_cpu_nothing_changes(flags):
             "cudnn_benchmark": False,
             "cache_dir": "",
             "attention_backends": "",
+            "cuda_graphs": False,  # decided by the loop (graphs.step_graphs_for), not by apply()
+            "cuda_graphs_skipped": "",
         }
         assert (
             torch.get_float32_matmul_precision(),

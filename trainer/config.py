@@ -502,6 +502,13 @@ class TrainConfig:
         tooltip="Pause between steps while ComfyUI renders a prompt, and continue when it is idle.",
         advanced=True,
     )
+    # Options added after the first release go last: ComfyUI saves a node's widget values by
+    # position, so an option inserted in the middle would shift the values of saved workflows.
+    cuda_graphs: bool = option(
+        True,
+        tooltip="Replay each step's forward and backward as a CUDA graph (one per image size), so the GPU no longer waits for Python to launch kernels: on top of compile, SDXL LoRA steps 1.3x faster, 1.7x with gradient checkpointing. Not used with fp16, LoRA dropout or a trained text encoder.",
+        advanced=True,
+    )
 
     def check(self) -> None:
         if not self.run_name.strip():

@@ -34,6 +34,7 @@ from .batches import StepBatches, epoch_steps
 from .caching import cache_root
 from .events import Callbacks, Commands, FanOutCallbacks, HostHooks, Progress, RunState
 from .failures import NonFiniteLoss, failure_message, is_oom, writing
+from .graphs import StepGraphs, skips_on_device, step_graphs_for
 from .inputs import Prefetcher, input_builder_for
 from .optim import OptimizerSettings, build_optimizer, build_schedule, param_groups
 from .runtime import Runtime
@@ -149,6 +150,7 @@ class _Run:
         self.speed: SpeedSession | None = None
         self.reserved_reported: int | None = None
         self.prefetch: Prefetcher | None = None
+        self.graphs: StepGraphs | None = None
         self.position = Position(step=0, epoch=1, step_in_epoch=0)
 
     # -------------------------------------------------------------------------------------------
@@ -182,6 +184,8 @@ class _Run:
                 self.speed.restore()
             if self.prefetch is not None:
                 self.prefetch.close()
+            if self.graphs is not None:
+                self.graphs.release()
 
     def _end(self, state: RunState, message: str) -> RunResult:
         if self.runtime is None or self.runtime.is_main:
@@ -233,7 +237,18 @@ class _Run:
         self.speed = apply_speed(
             bundle.denoiser, cfg, rt.device, cache_dir=cache_root(cfg.output_dir) / "compile"
         )
-        self.denoiser = rt.wrap(bundle.denoiser)
+        self.graphs = step_graphs_for(
+            bundle.denoiser,
+            bundle.arch,
+            trainables,
+            runtime=rt,
+            enabled=cfg.cuda_graphs,
+            lora_dropout=cfg.lora_dropout,
+            report=self.speed.report,
+        )
+        # DDP's gradient hooks cannot live inside a CUDA graph: graph steps all-reduce their own
+        # flat gradient buffers instead.
+        self.denoiser = rt.wrap(bundle.denoiser) if self.graphs is None else rt.share(bundle.denoiser)
         self._reserve()
 
         dataset = scan_dataset(cfg.dataset)
@@ -386,6 +401,15 @@ class _Run:
         if self.last_saved != self.step:
             self._checkpoint(self._epochs_done())
         self._write_loss_plot()
+        if self.graphs is not None:
+            st = self.graphs.stats
+            log.info(
+                "finetune: CUDA graphs: %d captured, %d micro-batches replayed, %d eager%s",
+                st.captured,
+                st.replayed,
+                st.eager,
+                f" ({st.disabled})" if st.disabled else "",
+            )
         return self._end(RunState.FINISHED, f"finished {self.step} steps")
 
     def _wait_between_steps(self) -> bool:
@@ -424,28 +448,68 @@ class _Run:
         step_no = self.step + 1
         # Noise is seeded per (seed, rank, step): every rank resumes its own stream exactly.
         self.noise.manual_seed(step_seed(cfg.seed, rank=rt.rank, step=step_no))
+        graphs = self.graphs
         losses = []
         for j, micro in enumerate(batch.micro_batches):
             inputs = self.inputs.build(micro, images[j])
-            with rt.no_sync(self.denoiser, sync=j == n - 1):
-                with rt.autocast():
-                    loss = batch_loss(
-                        self.denoiser, self.bundle.arch, self.objective, inputs, generator=self.noise
-                    ).mean()
-                rt.backward(loss / n)
+            if graphs is not None:
+                # Same draws, in the same order, as batch_loss: the noise stream does not depend
+                # on whether the step is a graph.
+                noised = self.objective.noised(inputs.latents, generator=self.noise)
+                loss = graphs.forward_backward(noised, inputs, divisor=n)
+            else:
+                with rt.no_sync(self.denoiser, sync=j == n - 1):
+                    with rt.autocast():
+                        loss = batch_loss(
+                            self.denoiser, self.bundle.arch, self.objective, inputs, generator=self.noise
+                        ).mean()
+                    rt.backward(loss / n)
             losses.append(loss.detach() / n)
+        if graphs is not None and skips_on_device(self.optimizer):
+            return self._update_queued(step_no, torch.stack(losses).sum())
         # One device sync a step: the loss is checked before the update, so a NaN never reaches
         # the weights (only this step's gradients, which are dropped with the run).
         total = float(torch.stack(losses).sum())
         if rt.any_over_processes(not math.isfinite(total)):
             raise NonFiniteLoss(step_no, total, precision=rt.precision.value)
-        rt.all_reduce_mean([p.grad for p in self.trainables.text if p.grad is not None])
+        if graphs is not None:
+            graphs.all_reduce_mean(rt.world_size)  # the graphs bypass DDP's own all-reduce
+        else:
+            rt.all_reduce_mean([p.grad for p in self.trainables.text if p.grad is not None])
         norm = rt.clip_gradients(self.optimizer, self.trainables.all, max_grad_norm=cfg.max_grad_norm)
         if norm is not None and rt.scaler is None and not math.isfinite(norm):
             raise NonFiniteLoss(step_no, norm, precision=rt.precision.value, what="gradient norm")
-        rt.step(self.optimizer)
+        rt.step(self.optimizer, zero_grad=graphs.zero_grad if graphs is not None else None)
         self.scheduler.step()
         return rt.mean_over_processes(total)
+
+    def _update_queued(self, step_no: int, total: torch.Tensor) -> float:
+        """The update of a graph step, queued before the host waits for the loss.
+
+        Waiting for the loss first (as the eager step does) leaves the GPU idle while Python
+        clips and steps over a thousand LoRA tensors. Here the finiteness check is a device flag
+        the fused optimizer reads (it skips the update when set), so the host queues clipping
+        and the update behind the backward pass and then waits once; a NaN still never reaches
+        the weights, and the run ends with the same message.
+        """
+        cfg, rt, graphs = self.config, self.runtime, self.graphs
+        graphs.all_reduce_mean(rt.world_size)
+        norm = graphs.clip(cfg.max_grad_norm)
+        bad = ~torch.isfinite(total)
+        if norm is not None:
+            bad |= ~torch.isfinite(norm)
+        if rt.distributed:
+            bad = bad.float()
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+            bad = bad > 0
+        graphs.step(self.optimizer, skip=bad)
+        self.scheduler.step()
+        loss = float(total)
+        if bool(bad):
+            if math.isfinite(loss) and norm is not None:
+                raise NonFiniteLoss(step_no, float(norm), precision=rt.precision.value, what="gradient norm")
+            raise NonFiniteLoss(step_no, loss, precision=rt.precision.value)
+        return rt.mean_over_processes(loss)
 
     def _reserve(self) -> None:
         """Tell the host how much GPU memory the run holds, when it changed noticeably (the first

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -115,6 +115,15 @@ class Runtime:
             return model
         return self.accelerator.prepare_model(model)
 
+    def share(self, model: nn.Module) -> nn.Module:
+        """Give every process rank 0's weights without wrapping the model in DDP (CUDA-graph steps
+        reduce their gradients themselves); the model itself when not distributed."""
+        if self.accelerator is None:
+            return model
+        for tensor in [*model.parameters(), *model.buffers()]:
+            torch.distributed.broadcast(tensor.data, src=0)
+        return model
+
     def unwrap(self, model: nn.Module) -> nn.Module:
         if self.accelerator is None:
             return model
@@ -169,14 +178,22 @@ class Runtime:
             return None
         return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Apply the update (the fp16 scaler skips steps with inf gradients) and clear gradients."""
+    def step(self, optimizer: torch.optim.Optimizer, *, zero_grad: Callable[[], None] | None = None) -> None:
+        """Apply the update (the fp16 scaler skips steps with inf gradients) and clear gradients.
+
+        Args:
+            zero_grad: clears the gradients instead of ``optimizer.zero_grad(set_to_none=True)``
+                (CUDA graphs keep gradients in buffers they write to).
+        """
         if self.scaler is not None:
             self.scaler.step(optimizer)
             self.scaler.update()
         else:
             optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if zero_grad is not None:
+            zero_grad()
+        else:
+            optimizer.zero_grad(set_to_none=True)
 
     def wait_for_everyone(self) -> None:
         if self.accelerator is not None:

@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..config import Arch, Method, Precision, TrainConfig
@@ -147,7 +148,7 @@ def prepare_trainables(bundle: ModelBundle, config: TrainConfig, runtime: Runtim
     for slot in slots:
         bundle.text_encoders[slot].train()
     if config.gradient_checkpointing:
-        enable_gradient_checkpointing(bundle, slots)
+        enable_gradient_checkpointing(bundle, slots, preserve_rng_state=config.lora_dropout > 0)
     return out
 
 
@@ -159,9 +160,23 @@ def _place(module: nn.Module, device: torch.device, dtype: torch.dtype | None) -
         module.to(device=device, dtype=dtype)
 
 
-def enable_gradient_checkpointing(bundle: ModelBundle, slots: list[int]) -> None:
-    """Recompute activations in backward for the denoiser and any trained text encoder."""
-    bundle.denoiser.enable_gradient_checkpointing()
+def enable_gradient_checkpointing(
+    bundle: ModelBundle, slots: list[int], *, preserve_rng_state: bool = True
+) -> None:
+    """Recompute activations in backward for the denoiser and any trained text encoder.
+
+    Args:
+        preserve_rng_state: replay the forward's random draws in the recomputation. Only LoRA
+            dropout draws any (the denoisers' own dropout is 0), so without it the generator's
+            state is not saved: one less host call per block, and none inside a CUDA graph.
+    """
+
+    def checkpointed(module, *args):
+        return torch.utils.checkpoint.checkpoint(
+            module.__call__, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state
+        )
+
+    bundle.denoiser.enable_gradient_checkpointing(checkpointed)
     for slot in slots:
         te = bundle.text_encoders[slot]
         # transformers 5 renamed the switch; the old name still works there but warns.

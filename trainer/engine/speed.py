@@ -20,6 +20,8 @@ the GPU idles between them. What this module switches on (bench/ measures each p
   second run with the same model skips most of the compile time (PyTorch's FX-graph, AOT and
   autotune caches, on by default, write there).
 
+The compiled step is still host-bound (an SDXL LoRA step launches ~11k kernels); :mod:`.graphs`
+replays forward and backward as CUDA graphs on top (``cuda_graphs``), which makes it GPU-bound.
 The fused AdamW kernel is chosen in :mod:`.optim`, the frozen base's bf16/fp16 dtype in
 :mod:`.setup`.
 
@@ -77,6 +79,8 @@ class SpeedSettings:
         attention_backends: ``torch.nn.attention.SDPBackend`` names tried first, in order, for
             the denoiser's attention (CUDA only; empty = PyTorch's own choice).
         any_device: also compile off CUDA (tests on the CPU).
+        cuda_graphs: replay each micro-batch's forward and backward as a CUDA graph
+            (:mod:`.graphs`; the loop builds them once the optimizer's parameters are known).
     """
 
     compile: bool = True
@@ -91,6 +95,7 @@ class SpeedSettings:
     cache_dir: str = ""
     attention_backends: tuple[str, ...] = ()
     any_device: bool = False
+    cuda_graphs: bool = True
 
     @classmethod
     def from_config(cls, config: TrainConfig, *, cache_dir: str | os.PathLike = "") -> SpeedSettings:
@@ -106,6 +111,7 @@ class SpeedSettings:
             tf32=config.allow_tf32,
             cudnn_benchmark=config.cudnn_benchmark,
             cache_dir=str(cache_dir) if cache_dir else "",
+            cuda_graphs=config.cuda_graphs,
         )
 
 
@@ -119,6 +125,7 @@ class SpeedReport:
         channels_last, tf32, cudnn_benchmark: whether each was switched on.
         cache_dir: the compile cache folder in use ("" = PyTorch's default).
         attention_backends: the attention backends tried first ("" = PyTorch's choice).
+        cuda_graphs: whether the steps are CUDA graphs; ``cuda_graphs_skipped`` says why not.
     """
 
     compiled_regions: int = 0
@@ -128,6 +135,8 @@ class SpeedReport:
     cudnn_benchmark: bool = False
     cache_dir: str = ""
     attention_backends: str = ""
+    cuda_graphs: bool = False
+    cuda_graphs_skipped: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
