@@ -3,13 +3,17 @@ micro-batch recorded once and replayed with a single launch.
 
 Why: with the blocks compiled, an SDXL LoRA step still launches ~11k kernels (mostly LoRA's
 rank-16 matrix products, six per adapted layer), and the host cannot issue them as fast as an H100
-runs them, so the GPU idles. A replayed graph costs the host one call whatever it holds.
+runs them, so the GPU idles. A replayed graph costs the host one call whatever it holds
+(measured on an H100, SDXL LoRA batch 4: 15.9 -> 20.4 samples/s, GPU busy 0.8 -> 0.98; see
+``bench/NOTES.md``).
 
 What a graph holds and what stays outside:
 
 - Outside, as in the eager step: the noise and timestep draws (a CPU generator, so a resumed run
-  draws the same numbers), noising the latents (a few kernels), the NaN check, clipping, the
-  optimizer, the schedule. Inside: forward, loss, backward.
+  draws the same numbers), noising the latents (a few kernels), clipping, the optimizer, the
+  schedule. Inside: forward, loss, backward. Clipping and a fused optimizer's update are queued
+  behind the graph with a device-side "skip if not finite" flag (:meth:`StepGraphs.step`), so the
+  host waits for the loss once, after the update is in flight.
 - Inputs are copied into the graph's own tensors before each replay; one graph per input shape
   (aspect bucket, batch size, accumulation count). The first ``warmup`` micro-batches of a shape
   run eagerly (compilation, autotuning and cuDNN/cuBLAS set-up happen there); they are ordinary
@@ -153,9 +157,10 @@ class _Recorded:
 class StepGraphs:
     """Forward + loss + backward of a micro-batch, as CUDA graphs keyed by input shape.
 
-    The owner calls :meth:`forward_backward` for each micro-batch, then (after its NaN check)
-    :meth:`all_reduce_mean` when several processes train, clips, steps the optimizer, and calls
-    :meth:`zero_grad` instead of ``optimizer.zero_grad()``.
+    The owner calls :meth:`forward_backward` for each micro-batch, then :meth:`all_reduce_mean`
+    when several processes train, :meth:`clip`, and :meth:`step` (fused optimizers; others step
+    after a host-side NaN check and call :meth:`zero_grad` instead of ``optimizer.zero_grad()``),
+    and :meth:`release` when the run ends.
 
     Args:
         model: the denoiser itself (not a DDP wrapper: gradients are reduced here).
