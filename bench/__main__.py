@@ -117,6 +117,8 @@ def run_case(
     flops_cache: dict,
     print_row,
     profile: bool = False,
+    profile_top: int = 0,
+    trace_dir: Path | None = None,
     keep_compiled: bool = False,
 ) -> list[Measurement]:
     """Measure every variant of one case ("ref" = the reference loop)."""
@@ -146,6 +148,8 @@ def run_case(
                 r = ours.report
                 note = (
                     f"compiled {r.compiled_regions}"
+                    + (f" grouped {r.grouped_attentions}" if r.grouped_attentions else "")
+                    + (f" geglu {r.split_geglus}" if r.split_geglus else "")
                     + (" cl" if r.channels_last else "")
                     + (f" ({r.compile_skipped})" if r.compile_skipped and settings.compile else "")
                     + (
@@ -177,7 +181,12 @@ def run_case(
             if key not in flops_cache:
                 m.mfu = math.nan
             if profile:
-                m.profile = profile_steps(step, device)
+                m.profile = profile_steps(
+                    step,
+                    device,
+                    top=profile_top,
+                    trace=trace_dir / f"{name.replace(' ', '_')}.json.gz" if trace_dir else None,
+                )
         except torch.OutOfMemoryError as e:
             m = Measurement(
                 name,
@@ -292,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also profile 2 steps of each variant: kernel time by kind, idle time",
     )
+    p.add_argument("--profile-top", type=int, default=0, help="with --profile: list the N costliest kernels")
+    p.add_argument(
+        "--trace", default="", help="with --profile: a folder for each variant's gzipped Chrome trace"
+    )
     p.add_argument("--budget-s", type=float, default=1e9, help="start nothing new after this many seconds")
     p.add_argument("--out", default="", help="folder for results.json")
     p.add_argument(
@@ -376,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
             flops_cache=flops_cache,
             print_row=print_row,
             profile=args.profile,
+            profile_top=args.profile_top,
+            trace_dir=Path(args.trace) if args.trace else None,
             keep_compiled=args.keep_compiled,
         )
         all_rows += rows

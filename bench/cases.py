@@ -55,6 +55,8 @@ SMOKE_CASES: dict[str, BenchCase] = {
 
 _OFF = SpeedSettings(
     compile=False,
+    group_lora_projections=False,
+    split_geglu=False,
     channels_last=False,
     tf32=False,
     cudnn_benchmark=False,
@@ -88,4 +90,10 @@ VARIANTS: dict[str, SpeedSettings] = {
     "coarse": replace(_ON, regions=COARSE_REGIONS),
     "default+cudnn-attn": replace(_ON, attention_backends=("CUDNN_ATTENTION",)),
     "default+cudagraphs": replace(_ON, mode="reduce-overhead"),
+    "default-grouped": replace(_ON, group_lora_projections=False),
+    "default-geglu": replace(_ON, split_geglu=False),
+    "default+cdt": replace(_ON, compile_options=(("coordinate_descent_tuning", True),)),
+    "default+cl+cdt": replace(
+        _ON, channels_last=True, compile_options=(("coordinate_descent_tuning", True),)
+    ),
 }

@@ -5,11 +5,14 @@ Every helper also runs on the CPU (``--smoke``), where memory and GPU-busy read 
 
 from __future__ import annotations
 
+import gzip
+import shutil
 import statistics
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -191,11 +194,23 @@ def _kind(name: str) -> str:
     return "other"
 
 
-def profile_steps(step: Callable[[], object], device: torch.device, *, steps: int = 2) -> str:
+def profile_steps(
+    step: Callable[[], object],
+    device: torch.device,
+    *,
+    steps: int = 2,
+    top: int = 0,
+    trace: Path | None = None,
+) -> str:
     """Where a step's time goes: wall vs. kernel time per step, kernels per step, time by kind.
 
+    Args:
+        top: also list this many kernels with the most time per step (name, ms, launches).
+        trace: write the profiled steps there as a gzipped Chrome trace, with the input shapes of
+            each operator (to tell the LoRA products from the base layers' in a viewer).
+
     Returns:
-        One line for the report ("" off CUDA).
+        One line for the report, plus one line per listed kernel ("" off CUDA).
     """
     if device.type != "cuda":
         return ""
@@ -203,22 +218,38 @@ def profile_steps(step: Callable[[], object], device: torch.device, *, steps: in
     from torch.profiler import ProfilerActivity, profile
 
     synchronize(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(
+        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=trace is not None
+    ) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
         synchronize(device)
         wall = (time.perf_counter() - t0) / steps * 1e3
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        plain = trace.with_suffix("")
+        prof.export_chrome_trace(str(plain))
+        with open(plain, "rb") as src, gzip.open(trace, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        plain.unlink()
     kinds: dict[str, float] = {}
+    by_name: dict[str, list[float]] = {}
     count = 0
     for e in prof.events():
         if e.device_type == DeviceType.CUDA:
             ms = e.time_range.elapsed_us() / 1e3 / steps
             kinds[_kind(e.name)] = kinds.get(_kind(e.name), 0.0) + ms
+            entry = by_name.setdefault(e.name, [0.0, 0])
+            entry[0] += ms
+            entry[1] += 1
             count += 1
     busy = sum(kinds.values())
     parts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
-    return (
+    lines = [
         f"wall {wall:.0f} ms/step (under the profiler), kernels {busy:.0f} ms/step in {count // steps} kernels, "
         f"idle {max(0.0, wall - busy):.0f} ms; ms by kind: {parts}"
-    )
+    ]
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    lines += [f"    {ms:7.2f} ms {n // steps:5d}x  {name[:150]}" for name, (ms, n) in ranked]
+    return "\n".join(lines)

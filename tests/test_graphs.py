@@ -149,19 +149,26 @@ def test_a_nan_loss_in_a_graph_step_never_reaches_the_weights(tmp_path, monkeypa
         assert torch.equal(now[name], before), name
 
 
-def _tiny_graphs(*, warmup=1, max_graphs=4):
-    config = TrainConfig.from_dict({"mixed_precision": "fp32", "lora_rank": 4, "lora_alpha": 4.0, "seed": 1})
+def _tiny_setup(method: str = "lora"):
+    config = TrainConfig.from_dict(
+        {"mixed_precision": "fp32", "lora_rank": 4, "lora_alpha": 4.0, "seed": 1, "method": method}
+    )
     rt = Runtime(precision="fp32", device="cpu")
     bundle = tiny_bundle(Arch.SD15, seed=0)
     trainables = prepare_trainables(bundle, config, rt)
     objective = Objective.for_run(
         model_prediction=bundle.prediction_type, noise_scheduler=bundle.noise_scheduler, config=config
     )
+    return trainables, objective, bundle
+
+
+def _tiny_graphs(*, warmup=1, max_graphs=4, autocast_dtype=None, method="lora"):
+    trainables, objective, bundle = _tiny_setup(method)
     g = StepGraphs(
         bundle.denoiser,
         bundle.arch,
         trainables.denoiser,
-        autocast_dtype=None,
+        autocast_dtype=autocast_dtype,
         warmup=warmup,
         max_graphs=max_graphs,
         emulate=True,
@@ -220,6 +227,66 @@ def test_shapes_over_the_limit_run_eagerly():
         noised = objective.noised(inputs.latents, generator=torch.Generator().manual_seed(0))
         g.forward_backward(noised, inputs, divisor=1)
     assert g.stats.captured == 1 and g.stats.replayed == 2 and g.stats.eager == 2
+
+
+def test_bf16_copies_of_the_lora_weights_give_autocasts_gradients_bit_for_bit():
+    """Under bf16 autocast the graphs read one bf16 copy of the LoRA weights instead of casting
+    each weight at each use: the gradients (accumulated over micro-batches, through the eager
+    warm-up, the capture and a replay) are autocast's to the bit."""
+    trainables, objective, bundle = _tiny_setup()
+    model, params = bundle.denoiser, trainables.denoiser
+    batches = []
+    for seed in (0, 1):
+        inputs = _batch(bundle, 8, seed)
+        batches.append(
+            (objective.noised(inputs.latents, generator=torch.Generator().manual_seed(seed)), inputs)
+        )
+
+    def autocast_gradients(micro_batches) -> list[torch.Tensor]:
+        for p in params:
+            p.grad = None
+        for noised, inputs in micro_batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+                loss = graphs_module.per_sample_loss(
+                    graphs_module.denoise(model, Arch.SD15, noised, inputs), noised
+                ).mean()
+            (loss / len(micro_batches)).backward()
+        grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return grads
+
+    both = autocast_gradients(batches)
+    before = {n: p for n, p in model.named_parameters()}
+
+    g = StepGraphs(model, Arch.SD15, params, autocast_dtype=torch.bfloat16, warmup=1, emulate=True)
+    seen = []  # what a LoRA layer's forward reads: the bf16 copy
+    lora_a = next(m for n, m in model.named_modules() if n.endswith("lora_A.default"))
+    lora_a.register_forward_pre_hook(lambda module, args: seen.append(module.weight.dtype))
+    for noised, inputs in batches:  # eager warm-up, then capture + first replay
+        g.forward_backward(noised, inputs, divisor=2)
+    assert g.stats.eager == 1 and g.stats.captured == 1
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    for p, want in zip(params, both, strict=True):
+        assert torch.equal(p.grad, want)
+    g.zero_grad()
+    for noised, inputs in reversed(batches):  # replays, each reading its own inputs
+        g.forward_backward(noised, inputs, divisor=2)
+    assert g.stats.replayed == 3
+    for p, want in zip(params, both, strict=True):  # two fp32 terms: the order does not matter
+        assert torch.equal(p.grad, want)
+    # The modules hold the fp32 parameters again (what is saved and what the optimizer updates).
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+    assert all(p.dtype == torch.float32 for p in params)
+
+
+def test_no_bf16_copies_where_autocast_would_not_cast_every_trained_weight():
+    # A full fine-tune trains norm weights, which autocast runs in fp32.
+    g, *_ = _tiny_graphs(autocast_dtype=torch.bfloat16, method="full")
+    assert g._copies is None
+    g, *_ = _tiny_graphs(autocast_dtype=None)  # fp32 training: nothing to cast
+    assert g._copies is None
 
 
 def test_a_failed_capture_turns_graphs_off_and_the_step_goes_on(monkeypatch, caplog):

@@ -66,6 +66,7 @@ def test_settings_follow_the_config_switches():
         True,
         "/tmp/c",
     )
+    assert on.group_lora_projections and on.split_geglu  # parts of the compiled fast path
     on_cl = SpeedSettings.from_config(TrainConfig(channels_last=True))
     assert on_cl.channels_last is True
     assert on.regions == ("BasicTransformerBlock", "JointTransformerBlock", "ResnetBlock2D")
@@ -79,6 +80,7 @@ def test_settings_follow_the_config_switches():
         False,
         "",
     )
+    assert not off.group_lora_projections and not off.split_geglu
 
 
 def test_config_switches_round_trip_through_json():
@@ -106,6 +108,8 @@ def test_on_the_cpu_nothing_changes(flags):
             "attention_backends": "",
             "cuda_graphs": False,  # decided by the loop (graphs.step_graphs_for), not by apply()
             "cuda_graphs_skipped": "",
+            "grouped_attentions": 0,  # grouping and split GEGLUs are CUDA-only
+            "split_geglus": 0,
         }
         assert (
             torch.get_float32_matmul_precision(),

@@ -94,6 +94,8 @@ def test_the_tutorials_full_fine_tune_settings_run_as_one_config(tmp_path):
     assert run["config"]["learning_rate"] == 1.5e-5 and run["config"]["keep_checkpoints"] == 30
     lrs = [row["lr"] for row in RunFolder.for_run(config.output_dir, "tiny").read_metrics()]
     # warm-up round(0.1 * 4) = 0 steps, then cosine from the peak to 0 over 4 steps (logged after each step)
-    assert lrs == pytest.approx([1.5e-5 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(1, 5)], abs=1e-12)
+    assert lrs == pytest.approx(
+        [1.5e-5 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(1, 5)], abs=1e-12
+    )
     # the run's end is always checkpointed even when the cadence is longer than the run
     assert CheckpointStore(RunFolder.for_run(config.output_dir, "tiny").path, "tiny").path_for(4).is_file()

@@ -200,6 +200,7 @@ class StepGraphs:
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.flat, self._views, self._groups = _flat_gradients(self.params)
         self.attach_gradients()
+        self._copies = ComputeCopies.for_model(model, self.params, self.flat, autocast_dtype)
 
     @property
     def active(self) -> bool:
@@ -263,6 +264,7 @@ class StepGraphs:
         ComfyUI the process lives on, and a graph's pool is only freed with the graph)."""
         self._graphs.clear()
         self._pool = None
+        self._copies = None
         for p in self.params:
             p.grad = None
         self.flat, self._views, self._groups = [], [], []
@@ -336,9 +338,13 @@ class StepGraphs:
             if self.autocast_dtype is not None
             else contextlib.nullcontext()
         )
-        with autocast:
-            loss = per_sample_loss(denoise(self.model, self.arch, noised, inputs), noised).mean()
-        (loss / divisor).backward()
+        copies = self._copies.in_use() if self._copies is not None else contextlib.nullcontext()
+        with copies:
+            with autocast:
+                loss = per_sample_loss(denoise(self.model, self.arch, noised, inputs), noised).mean()
+            (loss / divisor).backward()
+        if self._copies is not None:
+            self._copies.fold_gradients()
         return loss.detach()
 
     def _eager(self, tensors: dict[str, torch.Tensor], divisor: int, precondition: bool) -> torch.Tensor:
@@ -378,6 +384,125 @@ class StepGraphs:
         self.stats.replayed += 1
         result = recorded.output if out is None else out
         return result.clone()
+
+
+#: Modules whose weight and bias autocast casts to the compute dtype at every use.
+_CAST_BY_AUTOCAST = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class ComputeCopies:
+    """The trained fp32 weights as one bf16 (or fp16) buffer that the graphed forward reads in
+    their place.
+
+    Why: under autocast each fp32 LoRA weight costs a cast kernel at every forward, and each of
+    its gradients a cast back and an add into ``.grad``. That is three or four tiny kernels per
+    tensor, over 4,000 a step for an SDXL LoRA, each too small to fill the GPU. With the copies,
+    one kernel casts every weight before the forward; the backward hands each copy its bf16
+    gradient without accumulating it (the copies have no ``.grad`` to add to); a few multi-tensor
+    kernels gather those into a flat buffer, and one kernel adds it into the fp32 gradients.
+
+    The numbers are the same bits: the copy rounds each weight as autocast's cast does, a
+    weight's gradient was a bf16 product before autocast's cast back to fp32 too, and it is added
+    to the fp32 gradient once per micro-batch either way. The fp32 parameters stay what the
+    optimizer updates, what is saved and what resume restores; the copies are swapped into their
+    modules only while a micro-batch runs.
+
+    Args:
+        owners: for each parameter, the module holding it and its attribute name.
+        params: the trained fp32 parameters, in the order of ``grad_buffer``.
+        grad_buffer: their flat fp32 gradient buffer.
+        dtype: the autocast dtype.
+    """
+
+    def __init__(
+        self,
+        owners: list[tuple[nn.Module, str]],
+        params: list[nn.Parameter],
+        grad_buffer: torch.Tensor,
+        dtype: torch.dtype,
+    ):
+        self._owners = owners
+        self._originals = params
+        self._grad_buffer = grad_buffer
+        self._values = torch.empty(grad_buffer.numel(), dtype=dtype, device=grad_buffer.device)
+        self._grads = torch.zeros_like(self._values)
+        self._copies: list[nn.Parameter] = []
+        self._grad_views: list[torch.Tensor] = []
+        offset = 0
+        for p in params:
+            n = p.numel()
+            self._copies.append(nn.Parameter(self._values[offset : offset + n].view_as(p)))
+            self._grad_views.append(self._grads[offset : offset + n].view_as(p))
+            offset += n
+
+    @classmethod
+    def for_model(
+        cls,
+        model: nn.Module,
+        params: list[nn.Parameter],
+        grad_buffers: list[torch.Tensor],
+        dtype: torch.dtype | None,
+    ) -> ComputeCopies | None:
+        """Copies for ``params``, or None where they would not give the same numbers: no
+        autocast, not all fp32 in one buffer, or a parameter autocast does not cast (a norm's
+        weight in a full fine-tune, which runs in fp32) or that two modules share.
+
+        Args:
+            model: the denoiser.
+            params: the trained parameters.
+            grad_buffers: their flat gradient buffers (see :func:`_flat_gradients`).
+            dtype: the autocast dtype (None: fp32, no copies).
+        """
+        if dtype is None or len(grad_buffers) != 1 or any(p.dtype != torch.float32 for p in params):
+            return None
+        wanted = {id(p) for p in params}
+        owner: dict[int, tuple[nn.Module, str]] = {}
+        for module in model.modules():
+            for name, p in module._parameters.items():
+                if p is None or id(p) not in wanted:
+                    continue
+                if (
+                    id(p) in owner
+                    or not isinstance(module, _CAST_BY_AUTOCAST)
+                    or name not in ("weight", "bias")
+                ):
+                    return None
+                owner[id(p)] = (module, name)
+        if len(owner) != len(params):
+            return None
+        return cls([owner[id(p)] for p in params], params, grad_buffers[0], dtype)
+
+    @contextlib.contextmanager
+    def in_use(self):
+        """Refresh the copies from the fp32 weights and put them in the modules for the block."""
+        for copy in self._copies:  # whatever a failed micro-batch (a failed capture) left
+            copy.grad = None
+        with torch.no_grad():
+            torch._foreach_copy_(self._copies, self._originals)
+        for (module, name), copy in zip(self._owners, self._copies, strict=True):
+            module._parameters[name] = copy
+        try:
+            yield
+        finally:
+            for (module, name), p in zip(self._owners, self._originals, strict=True):
+                module._parameters[name] = p
+
+    def fold_gradients(self) -> None:
+        """Add the copies' gradients of this micro-batch to the fp32 ones."""
+        with torch.no_grad():
+            handed = [
+                (view, c.grad)
+                for c, view in zip(self._copies, self._grad_views, strict=True)
+                if c.grad is not None
+            ]
+            missing = [view for c, view in zip(self._copies, self._grad_views, strict=True) if c.grad is None]
+            if handed:
+                torch._foreach_copy_([view for view, _ in handed], [grad for _, grad in handed])
+            if missing:  # a weight the forward did not use (SD3's last context query)
+                torch._foreach_zero_(missing)
+            self._grad_buffer.add_(self._grads)
+        for copy in self._copies:
+            copy.grad = None
 
 
 def _flat_gradients(

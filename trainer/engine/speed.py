@@ -11,6 +11,11 @@ the GPU idles between them. What this module switches on (bench/ measures each p
   model's Python control flow, gradient checkpointing, LoRA saving and DDP stay as they are.
   Inside a block, LoRA, norms, casts and activations fuse into few kernels. Measured on an H100:
   1.33-1.41x the plain loop's LoRA samples/s (SD1.5, SDXL, SD3) with 15-30 % less peak memory.
+- **Fewer, larger products** (with ``compile``): a UNet attention's LoRA query/key/value
+  projections run as one product (:mod:`trainer.lora.projections`) and a GEGLU's two halves as
+  two (:mod:`.geglu`), which removes ~2,000 small kernels and a slow backward pass from an SDXL
+  LoRA step (184.8 instead of 192.1 ms on an H100). Results agree with the plain forward to
+  rounding, not to the bit, so they are CUDA-only and follow the ``compile`` switch.
 - **channels_last** (``channels_last``, off by default): convolution weights in NHWC. With the
   ResNet blocks compiled it measured no gain (inductor picks the layout inside a region).
 - **TF32** (``allow_tf32``): fp32 matrix products on the tensor cores (bf16/fp16 runs hardly
@@ -81,6 +86,12 @@ class SpeedSettings:
         any_device: also compile off CUDA (tests on the CPU).
         cuda_graphs: replay each micro-batch's forward and backward as a CUDA graph
             (:mod:`.graphs`; the loop builds them once the optimizer's parameters are known).
+        group_lora_projections: run the LoRA projections that read the same input (an
+            attention's query, key and value) as one product (:mod:`trainer.lora.projections`;
+            CUDA only: the numbers agree with peft's to rounding, not to the bit).
+        split_geglu: compute the UNets' GEGLU halves as two products (:mod:`.geglu`; CUDA
+            only, for the same reason).
+        compile_options: inductor options for the compiled regions (``torch.compile(options=)``).
     """
 
     compile: bool = True
@@ -96,13 +107,17 @@ class SpeedSettings:
     attention_backends: tuple[str, ...] = ()
     any_device: bool = False
     cuda_graphs: bool = True
+    group_lora_projections: bool = True
+    split_geglu: bool = True
+    compile_options: tuple[tuple[str, object], ...] = ()
 
     @classmethod
     def from_config(cls, config: TrainConfig, *, cache_dir: str | os.PathLike = "") -> SpeedSettings:
         """The settings a run's config asks for.
 
         Args:
-            config: its ``compile``, ``channels_last``, ``allow_tf32`` and ``cudnn_benchmark``.
+            config: its ``compile`` (which also groups LoRA projections and splits GEGLUs),
+                ``channels_last``, ``allow_tf32``, ``cudnn_benchmark`` and ``cuda_graphs``.
             cache_dir: the compile cache folder (usually ``<output>/finetune/.cache/compile``).
         """
         return cls(
@@ -112,6 +127,10 @@ class SpeedSettings:
             cudnn_benchmark=config.cudnn_benchmark,
             cache_dir=str(cache_dir) if cache_dir else "",
             cuda_graphs=config.cuda_graphs,
+            # Both change the arithmetic's grouping (results agree to rounding, not to the bit),
+            # so they belong to the compiled fast path and go with its switch.
+            group_lora_projections=config.compile,
+            split_geglu=config.compile,
         )
 
 
@@ -126,6 +145,8 @@ class SpeedReport:
         cache_dir: the compile cache folder in use ("" = PyTorch's default).
         attention_backends: the attention backends tried first ("" = PyTorch's choice).
         cuda_graphs: whether the steps are CUDA graphs; ``cuda_graphs_skipped`` says why not.
+        grouped_attentions: attentions whose LoRA projections run as one product.
+        split_geglus: GEGLU feed-forwards computing their halves as two products.
     """
 
     compiled_regions: int = 0
@@ -137,6 +158,8 @@ class SpeedReport:
     attention_backends: str = ""
     cuda_graphs: bool = False
     cuda_graphs_skipped: str = ""
+    grouped_attentions: int = 0
+    split_geglus: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -224,6 +247,7 @@ def compile_regions(
     backend: str = "inductor",
     mode: str | None = None,
     dynamic: bool | None = None,
+    options: dict | None = None,
 ) -> int:
     """Regional compilation: ``torch.compile`` every module whose class is in ``class_names``, in place.
 
@@ -233,7 +257,7 @@ def compile_regions(
     Args:
         model: the denoiser (LoRA layers already injected: they are compiled with their block).
         class_names: the region classes.
-        backend, mode, dynamic: passed to ``torch.compile``.
+        backend, mode, dynamic, options: passed to ``torch.compile``.
 
     Returns:
         How many module instances were compiled.
@@ -245,7 +269,7 @@ def compile_regions(
         if id(module) in skip:
             continue
         if type(module).__name__ in names:
-            module.compile(backend=backend, mode=mode, dynamic=dynamic)
+            module.compile(backend=backend, mode=mode, dynamic=dynamic, options=options)
             skip.update(id(m) for m in module.modules())
             count += 1
     return count
@@ -346,6 +370,14 @@ def apply(
     if settings.attention_backends and device.type == "cuda":
         prefer_attention_backends(model, settings.attention_backends)
         report.attention_backends = ",".join(settings.attention_backends)
+    if settings.group_lora_projections and (device.type == "cuda" or settings.any_device):
+        from ..lora import projections
+
+        report.grouped_attentions = projections.install(model)
+    if settings.split_geglu and (device.type == "cuda" or settings.any_device):
+        from . import geglu
+
+        report.split_geglus = geglu.split(model)
     if settings.channels_last and device.type == "cuda":
         # Only 4-D weights change layout; LoRA and full-fine-tune saves make tensors contiguous.
         model.to(memory_format=torch.channels_last)
@@ -377,6 +409,7 @@ def apply(
                 backend=settings.backend,
                 mode=settings.mode,
                 dynamic=settings.dynamic,
+                options=dict(settings.compile_options) or None,
             )
             if report.compiled_regions == 0:
                 report.compile_skipped = (
