@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -185,7 +186,10 @@ def run_case(
                     step,
                     device,
                     top=profile_top,
-                    trace=trace_dir / f"{name.replace(' ', '_')}.json.gz" if trace_dir else None,
+                    # Letters, digits, '.', '_' and '-' only: "+" in a variant name trips file tools.
+                    trace=trace_dir / f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.json.gz"
+                    if trace_dir
+                    else None,
                 )
         except torch.OutOfMemoryError as e:
             m = Measurement(
