@@ -426,14 +426,8 @@ class ComputeCopies:
         self._grad_buffer = grad_buffer
         self._values = torch.empty(grad_buffer.numel(), dtype=dtype, device=grad_buffer.device)
         self._grads = torch.zeros_like(self._values)
-        self._copies: list[nn.Parameter] = []
-        self._grad_views: list[torch.Tensor] = []
-        offset = 0
-        for p in params:
-            n = p.numel()
-            self._copies.append(nn.Parameter(self._values[offset : offset + n].view_as(p)))
-            self._grad_views.append(self._grads[offset : offset + n].view_as(p))
-            offset += n
+        self._copies = [nn.Parameter(v) for v in _views(self._values, params)]
+        self._grad_views = _views(self._grads, params)
 
     @classmethod
     def for_model(
@@ -505,6 +499,15 @@ class ComputeCopies:
             copy.grad = None
 
 
+def _views(buffer: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Consecutive views of flat ``buffer`` shaped like ``params``, in their order."""
+    views, offset = [], 0
+    for p in params:
+        views.append(buffer[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return views
+
+
 def _flat_gradients(
     params: list[nn.Parameter],
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[torch.Tensor]]]:
@@ -517,11 +520,8 @@ def _flat_gradients(
     flat, groups = [], []
     for (device, dtype), indices in by_kind.items():
         buffer = torch.zeros(sum(params[i].numel() for i in indices), device=device, dtype=dtype)
-        offset = 0
-        for i in indices:
-            n = params[i].numel()
-            views[i] = buffer[offset : offset + n].view_as(params[i])
-            offset += n
+        for i, view in zip(indices, _views(buffer, [params[i] for i in indices]), strict=True):
+            views[i] = view
         flat.append(buffer)
         groups.append([views[i] for i in indices])
     return flat, views, groups
