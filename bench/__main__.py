@@ -149,6 +149,7 @@ def run_case(
                 r = ours.report
                 note = (
                     f"compiled {r.compiled_regions}"
+                    + (f"+{r.compiled_methods}" if r.compiled_methods else "")
                     + (f" grouped {r.grouped_attentions}" if r.grouped_attentions else "")
                     + (f" geglu {r.split_geglus}" if r.split_geglus else "")
                     + (" cl" if r.channels_last else "")

@@ -55,6 +55,7 @@ SMOKE_CASES: dict[str, BenchCase] = {
 
 _OFF = SpeedSettings(
     compile=False,
+    methods=(),
     group_lora_projections=False,
     split_geglu=False,
     channels_last=False,
@@ -82,10 +83,12 @@ VARIANTS: dict[str, SpeedSettings] = {
     "eager+graphs": replace(_OFF, cuda_graphs=True),
     "blocks": replace(_OFF, compile=True, regions=TRANSFORMER_REGIONS),
     "regions": replace(_OFF, compile=True, regions=COMPILE_REGIONS),
-    "regions+cl": replace(_OFF, compile=True, regions=COMPILE_REGIONS, channels_last=True),
     "default": _ON,
     "default-graphs": replace(_ON, cuda_graphs=False),
-    "default+cl": replace(_ON, channels_last=True),
+    "default-cl": replace(_ON, channels_last=False),
+    "default-gn": replace(_ON, channels_last_group_norm=False),
+    "default-glue": replace(_ON, methods=()),
+    "default+mk": replace(_ON, compile_options=(("triton.multi_kernel", 1),)),
     "default-static": replace(_ON, dynamic=False),
     "coarse": replace(_ON, regions=COARSE_REGIONS),
     "default+cudnn-attn": replace(_ON, attention_backends=("CUDNN_ATTENTION",)),
@@ -93,7 +96,4 @@ VARIANTS: dict[str, SpeedSettings] = {
     "default-grouped": replace(_ON, group_lora_projections=False),
     "default-geglu": replace(_ON, split_geglu=False),
     "default+cdt": replace(_ON, compile_options=(("coordinate_descent_tuning", True),)),
-    "default+cl+cdt": replace(
-        _ON, channels_last=True, compile_options=(("coordinate_descent_tuning", True),)
-    ),
 }

@@ -381,3 +381,18 @@ def test_gradients_are_averaged_over_processes_with_one_collective_per_buffer(tm
     for rank in range(2):
         grads = torch.load(tmp_path / f"rank{rank}.pt")
         assert all(torch.equal(g, torch.full_like(g, 1.5)) for g in grads)
+
+
+def test_flat_gradients_take_their_parameters_layout():
+    # A channels-last UNet's conv weights: fused AdamW wants each gradient in its weight's layout.
+    conv = torch.nn.Parameter(torch.randn(4, 3, 3, 3).contiguous(memory_format=torch.channels_last))
+    linear = torch.nn.Parameter(torch.randn(5, 2))
+    buffers, views, _ = graphs_module._flat_gradients([conv, linear])
+    assert [v.stride() for v in views] == [conv.stride(), linear.stride()]
+    assert all(v.untyped_storage().data_ptr() == buffers[0].untyped_storage().data_ptr() for v in views)
+    views[0].copy_(torch.ones_like(conv))
+    assert float(buffers[0][: conv.numel()].sum()) == conv.numel()  # each view owns its own slice
+    assert float(buffers[0][conv.numel() :].abs().sum()) == 0.0
+    optimizer = torch.optim.AdamW([conv, linear], lr=0.1, fused=False, foreach=True)
+    conv.grad, linear.grad = views
+    optimizer.step()  # the layouts match; fused AdamW (CUDA) checks the same

@@ -58,17 +58,14 @@ def _regions(model: nn.Module, names=COMPILE_REGIONS) -> list[str]:
 
 def test_settings_follow_the_config_switches():
     on = SpeedSettings.from_config(TrainConfig(), cache_dir="/tmp/c")
-    # channels_last is off by default: with compilation on it measured no gain (bench/NOTES.md).
     assert (on.compile, on.channels_last, on.tf32, on.cudnn_benchmark, on.cache_dir) == (
         True,
-        False,
+        True,
         True,
         True,
         "/tmp/c",
     )
     assert on.group_lora_projections and on.split_geglu  # parts of the compiled fast path
-    on_cl = SpeedSettings.from_config(TrainConfig(channels_last=True))
-    assert on_cl.channels_last is True
     assert on.regions == ("BasicTransformerBlock", "JointTransformerBlock", "ResnetBlock2D")
     off = SpeedSettings.from_config(
         TrainConfig(compile=False, channels_last=False, allow_tf32=False, cudnn_benchmark=False)
@@ -100,6 +97,7 @@ def test_on_the_cpu_nothing_changes(flags):
         report = session.report
         assert report.to_dict() == {
             "compiled_regions": 0,
+            "compiled_methods": 0,
             "compile_skipped": "compilation is only used on CUDA GPUs (this run is on cpu)",
             "channels_last": False,
             "tf32": False,
@@ -131,7 +129,7 @@ def test_cuda_flags_are_set_for_the_run_and_restored(flags):
     # The flags are plain Python state: a "cuda" device needs no GPU as long as nothing compiles.
     torch.set_float32_matmul_precision("highest")
     torch.backends.cudnn.benchmark = False
-    unet = tiny_bundle(Arch.SD15).denoiser
+    unet = tiny_bundle(Arch.SDXL).denoiser
     session = apply(unet, None, "cuda", settings=SpeedSettings(compile=False, channels_last=True))
     assert session.report.tf32 and session.report.cudnn_benchmark and session.report.channels_last
     assert torch.get_float32_matmul_precision() == "high"
@@ -247,7 +245,7 @@ def test_a_cache_folder_the_user_set_wins(tmp_path, flags):
 
 
 def test_a_channels_last_lora_saves_and_loads_the_same_weights(tmp_path, flags):
-    bundle = tiny_bundle(Arch.SD15)
+    bundle = tiny_bundle(Arch.SDXL)
     config = TrainConfig(
         lora_targets="attention+ff+conv", lora_rank=4, lora_alpha=4.0, mixed_precision="fp32"
     )
@@ -258,16 +256,18 @@ def test_a_channels_last_lora_saves_and_loads_the_same_weights(tmp_path, flags):
     apply(bundle.denoiser, None, "cuda", settings=SpeedSettings(compile=False, channels_last=True)).restore()
     conv_lora = next(p for p in trainables.denoiser if p.ndim == 4 and p.shape[-1] == 3)
     assert conv_lora.is_contiguous(memory_format=torch.channels_last) and not conv_lora.is_contiguous()
-    tensors = lora_state_dict(bundle.denoiser, [None], Arch.SD15, alpha=4.0, dtype=torch.float32)
+    tensors = lora_state_dict(bundle.denoiser, [None], Arch.SDXL, alpha=4.0, dtype=torch.float32)
     path = save_lora(tmp_path / "cl.safetensors", tensors)
     loaded, _ = read_lora(path)
     assert set(loaded) == set(tensors)
     assert all(torch.equal(loaded[k], tensors[k].contiguous()) for k in tensors)
 
 
-def _lora_steps(*, compiled: bool, steps: int = 3) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """``steps`` optimizer steps of a tiny SD1.5 LoRA on fixed inputs; returns losses and weights."""
-    bundle = tiny_bundle(Arch.SD15, seed=0)
+def _lora_steps(
+    *, compiled: bool, arch: Arch = Arch.SD15, channels_last: bool = False, steps: int = 3
+) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """``steps`` optimizer steps of a tiny UNet LoRA on fixed inputs; returns losses and weights."""
+    bundle = tiny_bundle(arch, seed=0)
     config = TrainConfig(
         lora_rank=4,
         lora_alpha=4.0,
@@ -278,27 +278,39 @@ def _lora_steps(*, compiled: bool, steps: int = 3) -> tuple[list[float], dict[st
     rt = Runtime(precision="fp32", device="cpu")
     trainables = prepare_trainables(bundle, config, rt)
     settings = SpeedSettings(
-        compile=compiled, backend="aot_eager", any_device=True, channels_last=False, fallback_to_eager=False
+        compile=compiled,
+        backend="aot_eager",
+        any_device=True,
+        channels_last=channels_last,
+        fallback_to_eager=False,
     )
+    regions = len(_regions(bundle.denoiser))
+    stages = len(_regions(bundle.denoiser, ("Transformer2DModel",)))
     session = apply(bundle.denoiser, None, CPU, settings=settings)
-    assert session.report.compiled_regions == (18 if compiled else 0)
+    assert session.report.compiled_regions == (regions if compiled else 0)
+    # With a channels-last UNet each transformer stage gets its norm-in and output glue compiled.
+    assert session.report.compiled_methods == (2 * stages if compiled and channels_last else 0)
+    assert session.report.channels_last is channels_last
     groups = param_groups(denoiser_params=trainables.denoiser, lr=config.learning_rate)
     optimizer = build_optimizer("adamw", groups, OptimizerSettings(lr=config.learning_rate))
     objective = Objective.for_run(
         model_prediction="epsilon", noise_scheduler=bundle.noise_scheduler, config=config
     )
     g = torch.Generator().manual_seed(0)
+    cfg = bundle.denoiser.config
+    sdxl = arch == Arch.SDXL
+    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim if sdxl else 0
     inputs = DenoiserInputs(
         latents=torch.randn(2, 4, 8, 8, generator=g),
-        prompt_embeds=torch.randn(2, 77, 32, generator=g),
-        pooled=None,
-        time_ids=None,
+        prompt_embeds=torch.randn(2, 77, cfg.cross_attention_dim, generator=g),
+        pooled=torch.randn(2, pooled, generator=g) if sdxl else None,
+        time_ids=torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2) if sdxl else None,
         captions=["", ""],
     )
     noise = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(steps):
-        loss = batch_loss(bundle.denoiser, Arch.SD15, objective, inputs, generator=noise).mean()
+        loss = batch_loss(bundle.denoiser, arch, objective, inputs, generator=noise).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -308,14 +320,17 @@ def _lora_steps(*, compiled: bool, steps: int = 3) -> tuple[list[float], dict[st
 
 
 @pytest.mark.slow
-def test_the_compiled_step_trains_like_the_eager_step(flags, caplog):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_the_compiled_step_trains_like_the_eager_step(flags, caplog, channels_last):
     import torch._dynamo
     import torch._dynamo.config as dynamo_config
 
     torch._dynamo.reset()
     limit = dynamo_config.recompile_limit
-    eager_losses, eager_weights = _lora_steps(compiled=False)
-    fast_losses, fast_weights = _lora_steps(compiled=True)
+    # Channels-last applies to SDXL's UNet (SD1.5 stays NCHW: trainer/engine/channels_last.py).
+    arch = Arch.SDXL if channels_last else Arch.SD15
+    eager_losses, eager_weights = _lora_steps(compiled=False, arch=arch)
+    fast_losses, fast_weights = _lora_steps(compiled=True, arch=arch, channels_last=channels_last)
     torch._dynamo.reset()
     assert dynamo_config.recompile_limit == limit  # raised for the run only
     # Every ResNet shape got its own graph: none fell back to eager at dynamo's recompile limit.

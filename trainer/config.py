@@ -416,8 +416,8 @@ class TrainConfig:
         advanced=True,
     )
     channels_last: bool = option(
-        False,
-        tooltip="Keep convolution weights in the channels-last layout on CUDA (no gain measured with compile on; can help uncompiled runs).",
+        True,
+        tooltip="Run the SDXL UNet in the channels-last (NHWC) layout on CUDA, the layout the GPU's convolutions use: no layout copies around each convolution. Numbers agree to rounding. (SD1.5 stays NCHW.)",
         advanced=True,
     )
     allow_tf32: bool = option(

@@ -500,10 +500,12 @@ class ComputeCopies:
 
 
 def _views(buffer: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Consecutive views of flat ``buffer`` shaped like ``params``, in their order."""
+    """Consecutive views of flat ``buffer`` shaped like ``params``, in their order and layout (a
+    channels-last weight gets a channels-last gradient, which fused AdamW requires)."""
     views, offset = [], 0
     for p in params:
-        views.append(buffer[offset : offset + p.numel()].view_as(p))
+        chunk = buffer[offset : offset + p.numel()]
+        views.append(chunk.view_as(p) if p.is_contiguous() else chunk.as_strided(p.shape, p.stride()))
         offset += p.numel()
     return views
 

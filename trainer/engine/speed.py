@@ -16,8 +16,13 @@ the GPU idles between them. What this module switches on (bench/ measures each p
   two (:mod:`.geglu`), which removes ~2,000 small kernels and a slow backward pass from an SDXL
   LoRA step (184.8 instead of 192.1 ms on an H100). Results agree with the plain forward to
   rounding, not to the bit, so they are CUDA-only and follow the ``compile`` switch.
-- **channels_last** (``channels_last``, off by default): convolution weights in NHWC. With the
-  ResNet blocks compiled it measured no gain (inductor picks the layout inside a region).
+- **Compiled glue** (with ``compile``): a transformer stage's GroupNorm, layout change to tokens
+  and back and residual add (:data:`COMPILE_METHODS`), which otherwise run eagerly as a dozen
+  fp32 copies and casts around each stage.
+- **channels_last** (``channels_last``): a UNet's activations stay NHWC from the first
+  convolution to the last (:mod:`.channels_last`), so cuDNN no longer transposes around each
+  convolution, with inductor's layout optimisation and multi-kernel reductions
+  (:data:`CHANNELS_LAST_OPTIONS`). SDXL only: SD1.5 stays NCHW (see :mod:`.channels_last`).
 - **TF32** (``allow_tf32``): fp32 matrix products on the tensor cores (bf16/fp16 runs hardly
   have any; fp32 runs get several times faster).
 - **cuDNN autotuning** (``cudnn_benchmark``): cuDNN times its algorithms once per new shape.
@@ -54,6 +59,21 @@ log = logging.getLogger("finetune")
 #: SD3's joint blocks hold almost all of the work; the glue between them is a few large kernels.
 COMPILE_REGIONS: tuple[str, ...] = ("BasicTransformerBlock", "JointTransformerBlock", "ResnetBlock2D")
 
+#: Methods compiled on each instance of a class (or subclass), for the glue between the regions:
+#: a UNet transformer stage's GroupNorm, layout change to tokens and back, and residual add run
+#: eagerly otherwise, as a dozen fp32 copies and casts around each stage.
+COMPILE_METHODS: tuple[str, ...] = (
+    "Transformer2DModel._operate_on_continuous_inputs",
+    "Transformer2DModel._get_output_for_continuous_inputs",
+)
+
+#: Inductor options for the compiled regions of a channels-last UNet. Layout optimisation keeps a region's convolutions
+#: and their gradients NHWC: inductor leaves it off for dynamic shapes, and a channels-last UNet's
+#: convolution backward then copied each incoming gradient to NHWC (4 ms of an SDXL step).
+#: (``triton.multi_kernel`` measured 1.5-3 ms faster still, but a graph loaded from the compile
+#: cache fails with it in torch 2.11, so a second run would lose its compiled blocks.)
+CHANNELS_LAST_OPTIONS: tuple[tuple[str, object], ...] = (("force_layout_optimization", True),)
+
 #: Only the transformer blocks (what ``compile_repeated_blocks`` of diffusers does).
 TRANSFORMER_REGIONS: tuple[str, ...] = ("BasicTransformerBlock", "JointTransformerBlock")
 
@@ -71,10 +91,14 @@ class SpeedSettings:
     Attributes:
         compile: compile the regions (CUDA only).
         regions: class names of the modules compiled one instance at a time.
+        methods: ``"Class.method"`` names compiled on each instance of the class or a subclass
+            (with a channels-last UNet only).
         backend: the ``torch.compile`` backend ("inductor"; tests use "aot_eager").
         mode: the ``torch.compile`` mode (None = default; "reduce-overhead" adds CUDA graphs).
         dynamic: ``torch.compile``'s ``dynamic`` (None = static first, dynamic after a shape change).
-        channels_last: NHWC convolution weights (CUDA only).
+        channels_last: a UNet's convolutions read and write NHWC end to end
+            (:mod:`.channels_last`; CUDA only).
+        channels_last_group_norm: with ``channels_last``, GroupNorm statistics per channel first.
         tf32: TF32 for fp32 matrix products and convolutions (CUDA only).
         cudnn_benchmark: cuDNN algorithm autotuning (CUDA only).
         fallback_to_eager: a block that fails to compile runs eagerly (with a warning) instead of
@@ -91,15 +115,18 @@ class SpeedSettings:
             CUDA only: the numbers agree with peft's to rounding, not to the bit).
         split_geglu: compute the UNets' GEGLU halves as two products (:mod:`.geglu`; CUDA
             only, for the same reason).
-        compile_options: inductor options for the compiled regions (``torch.compile(options=)``).
+        compile_options: inductor options for the compiled regions (``torch.compile(options=)``),
+            besides :data:`CHANNELS_LAST_OPTIONS` for a channels-last UNet.
     """
 
     compile: bool = True
     regions: tuple[str, ...] = COMPILE_REGIONS
+    methods: tuple[str, ...] = COMPILE_METHODS
     backend: str = "inductor"
     mode: str | None = None
     dynamic: bool | None = None
-    channels_last: bool = False
+    channels_last: bool = True
+    channels_last_group_norm: bool = True
     tf32: bool = True
     cudnn_benchmark: bool = True
     fallback_to_eager: bool = True
@@ -140,6 +167,7 @@ class SpeedReport:
 
     Attributes:
         compiled_regions: module instances compiled.
+        compiled_methods: methods compiled on single instances (the glue between regions).
         compile_skipped: why compilation was off or impossible ("" when it ran or was not asked).
         channels_last, tf32, cudnn_benchmark: whether each was switched on.
         cache_dir: the compile cache folder in use ("" = PyTorch's default).
@@ -150,6 +178,7 @@ class SpeedReport:
     """
 
     compiled_regions: int = 0
+    compiled_methods: int = 0
     compile_skipped: str = ""
     channels_last: bool = False
     tf32: bool = False
@@ -275,6 +304,57 @@ def compile_regions(
     return count
 
 
+def compile_methods(
+    model: nn.Module,
+    *,
+    methods: tuple[str, ...] = COMPILE_METHODS,
+    backend: str = "inductor",
+    mode: str | None = None,
+    dynamic: bool | None = None,
+    options: dict | None = None,
+) -> int:
+    """``torch.compile`` the named methods of every instance of their class or a subclass, in place.
+
+    The compiled bound method is set on the instance, as ``nn.Module.compile`` does for its call,
+    so all instances share one compiled graph per shape. Modules inside a compiled region are left
+    to the region.
+
+    Args:
+        model: the denoiser.
+        methods: ``"Class.method"`` names.
+        backend, mode, dynamic, options: passed to ``torch.compile``.
+
+    Returns:
+        How many methods were compiled.
+
+    Raises:
+        ValueError: a name that is not ``"Class.method"``.
+    """
+    wanted: dict[str, list[str]] = {}
+    for name in methods:
+        cls, _, method = name.partition(".")
+        if not cls or not method or "." in method:
+            raise ValueError(f"methods: {name!r} is not 'Class.method'")
+        wanted.setdefault(cls, []).append(method)
+    inside: set[int] = set()
+    for module in model.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            inside.update(id(m) for m in module.modules())
+    count = 0
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        classes = {c.__name__ for c in type(module).__mro__}
+        for cls in classes & wanted.keys():
+            for method in wanted[cls]:
+                compiled = torch.compile(
+                    getattr(module, method), backend=backend, mode=mode, dynamic=dynamic, options=options
+                )
+                setattr(module, method, compiled)
+                count += 1
+    return count
+
+
 def prefer_attention_backends(model: nn.Module, backends: tuple[str, ...]) -> None:
     """Make ``model``'s forward try these SDPA backends first (e.g. ``("CUDNN_ATTENTION",)``).
 
@@ -378,10 +458,14 @@ def apply(
         from . import geglu
 
         report.split_geglus = geglu.split(model)
-    if settings.channels_last and device.type == "cuda":
-        # Only 4-D weights change layout; LoRA and full-fine-tune saves make tensors contiguous.
-        model.to(memory_format=torch.channels_last)
-        report.channels_last = True
+    if settings.channels_last and (device.type == "cuda" or settings.any_device):
+        from . import channels_last
+
+        report.channels_last = channels_last.convert(model, group_norm=settings.channels_last_group_norm)
+    # The compiled glue and forced layout optimisation are measured parts of the channels-last
+    # UNet (SDXL). With SD1.5's NCHW stages they met an inductor stride assertion on an H100.
+    methods = settings.methods if report.channels_last else ()
+    compile_options = settings.compile_options + (CHANNELS_LAST_OPTIONS if report.channels_last else ())
     if settings.compile:
         reason = compile_unavailable(device, settings.backend, any_device=settings.any_device)
         if reason:
@@ -403,13 +487,23 @@ def apply(
             if previous < RECOMPILE_LIMIT:
                 saved.recompile_limit = (limit_name, previous)
                 setattr(dynamo_config, limit_name, RECOMPILE_LIMIT)
+            # Other backends ignore inductor's options with a warning.
+            options = dict(compile_options) if settings.backend == "inductor" and compile_options else None
             report.compiled_regions = compile_regions(
                 model,
                 class_names=settings.regions,
                 backend=settings.backend,
                 mode=settings.mode,
                 dynamic=settings.dynamic,
-                options=dict(settings.compile_options) or None,
+                options=options,
+            )
+            report.compiled_methods = compile_methods(
+                model,
+                methods=methods,
+                backend=settings.backend,
+                mode=settings.mode,
+                dynamic=settings.dynamic,
+                options=options,
             )
             if report.compiled_regions == 0:
                 report.compile_skipped = (
