@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from train_helpers import unet_call
 
 from trainer.config import Arch, TrainConfig
 from trainer.engine import channels_last
@@ -14,23 +15,6 @@ from trainer.engine.runtime import Runtime
 from trainer.engine.setup import prepare_trainables
 from trainer.engine.speed import compile_methods, compile_regions
 from trainer.models.tiny import tiny_bundle
-
-
-def _unet_call(unet, arch: Arch):
-    cfg = unet.config
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 16, 16, generator=g)
-    added = None
-    if arch == Arch.SDXL:
-        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        added = {
-            "text_embeds": torch.randn(2, pooled, generator=g),
-            "time_ids": torch.randn(2, 6, generator=g),
-        }
-    context = torch.randn(2, 77, cfg.cross_attention_dim, generator=g)
-    return lambda: (
-        unet(x, torch.tensor([10, 500]), encoder_hidden_states=context, added_cond_kwargs=added).sample
-    )
 
 
 def _nchw_conv_inputs(unet, run) -> list[str]:
@@ -57,7 +41,7 @@ def test_a_converted_unet_stays_nhwc_and_computes_the_same():
         for p in trainables.denoiser:
             p.normal_(0, 0.1)  # lora_B starts at zero; give the LoRA a part in the output
     unet = bundle.denoiser
-    run = _unet_call(unet, arch)
+    run = unet_call(unet, arch)
 
     def loss_and_grads():
         for p in trainables.denoiser:
@@ -132,7 +116,7 @@ def test_glue_methods_compile_once_per_instance_and_not_inside_a_region():
 
     torch._dynamo.reset()
     unet = tiny_bundle(Arch.SD15, seed=0).denoiser
-    run = _unet_call(unet, Arch.SD15)
+    run = unet_call(unet, Arch.SD15)
     with torch.no_grad():
         want = run()
     stages = [m for m in unet.modules() if type(m).__name__ == "Transformer2DModel"]

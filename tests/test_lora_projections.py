@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from train_helpers import unet_call
 
 from trainer.config import Arch, TrainConfig
 from trainer.engine.runtime import Runtime
@@ -27,29 +28,11 @@ def _lora_model(arch: Arch, **options):
     return bundle.denoiser, trainables.denoiser
 
 
-def _run(model, arch: Arch):
-    g = torch.Generator().manual_seed(0)
-    cfg = model.config
-    added = None
-    if arch == Arch.SDXL:
-        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        added = {
-            "text_embeds": torch.randn(2, pooled, generator=g),
-            "time_ids": torch.randn(2, 6, generator=g),
-        }
-    return model(
-        torch.randn(2, 4, 16, 16, generator=g),
-        torch.tensor([10, 500]),
-        encoder_hidden_states=torch.randn(2, 77, cfg.cross_attention_dim, generator=g),
-        added_cond_kwargs=added,
-    ).sample
-
-
 def _forward_backward(model, params, arch: Arch, *, bf16: bool = False):
     for p in params:
         p.grad = None
     with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False, enabled=bf16):
-        out = _run(model, arch).float()
+        out = unet_call(model, arch)().float()
     out.square().mean().backward()
     return out.detach(), [p.grad.clone() for p in params]
 

@@ -1,5 +1,6 @@
-"""Shared pieces of the engine's training tests: tiny datasets on disk, configs, and a fixed-timestep
-loss to tell whether a model learned (random timesteps make single-step losses too noisy)."""
+"""Shared pieces of the engine's training tests: tiny datasets on disk, configs, a fixed-timestep
+loss to tell whether a model learned (random timesteps make single-step losses too noisy), and a
+UNet call on fixed random inputs."""
 
 from __future__ import annotations
 
@@ -108,3 +109,21 @@ def eval_loss(bundle, inputs, config: TrainConfig) -> float:
 
 
 ARCHS = {"sd15": Arch.SD15, "sdxl": Arch.SDXL, "sd3": Arch.SD3}
+
+
+def unet_call(unet, arch: Arch):
+    """A call of a tiny SD1.5/SDXL ``unet`` on fixed random inputs (batch 2, 16x16 latents)
+    returning its prediction; each call runs the model again."""
+    cfg = unet.config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    context = torch.randn(2, 77, cfg.cross_attention_dim, generator=g)
+    added = None
+    if arch == Arch.SDXL:
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        added = {
+            "text_embeds": torch.randn(2, pooled, generator=g),
+            "time_ids": torch.randn(2, 6, generator=g),
+        }
+    timesteps = torch.tensor([10, 500])
+    return lambda: unet(x, timesteps, encoder_hidden_states=context, added_cond_kwargs=added).sample

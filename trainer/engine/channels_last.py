@@ -6,9 +6,8 @@ not keep the activations NHWC, because diffusers' ``Transformer2DModel`` ends wi
 ``.contiguous()``: every attention stage hands NCHW back to the next convolution.
 :class:`ChannelsLastTransformer2D` leaves that copy out, so its output has its input's layout.
 Its input side needs no change: for an NHWC input, diffusers' permute-and-reshape to tokens is a
-view. (SDXL's stages project with linear layers; SD1.5's 1x1-convolution stages are left NCHW,
-see :func:`convert`.) (Its GroupNorm makes an NHWC input contiguous when it runs eagerly on CUDA; compiled, as
-:mod:`.speed` does, it reads NHWC directly.)
+view, and its GroupNorm, compiled as :mod:`.speed` does, reads NHWC directly. Only UNets whose
+stages project with linear layers (SDXL) are converted; see :func:`convert` for SD1.5.
 
 Compiled GroupNorm on NHWC is slow as written: each group's statistics reduce over channels that
 lie apart in memory (in an SDXL step some of those kernels ran at a sixth of the memory

@@ -16,13 +16,12 @@ the GPU idles between them. What this module switches on (bench/ measures each p
   two (:mod:`.geglu`), which removes ~2,000 small kernels and a slow backward pass from an SDXL
   LoRA step (184.8 instead of 192.1 ms on an H100). Results agree with the plain forward to
   rounding, not to the bit, so they are CUDA-only and follow the ``compile`` switch.
-- **Compiled glue** (with ``compile``): a transformer stage's GroupNorm, layout change to tokens
-  and back and residual add (:data:`COMPILE_METHODS`), which otherwise run eagerly as a dozen
-  fp32 copies and casts around each stage.
-- **channels_last** (``channels_last``): a UNet's activations stay NHWC from the first
+- **channels_last** (``channels_last``): SDXL's UNet keeps its activations NHWC from the first
   convolution to the last (:mod:`.channels_last`), so cuDNN no longer transposes around each
-  convolution, with inductor's layout optimisation and multi-kernel reductions
-  (:data:`CHANNELS_LAST_OPTIONS`). SDXL only: SD1.5 stays NCHW (see :mod:`.channels_last`).
+  convolution. With ``compile`` it also compiles each transformer stage's glue (GroupNorm,
+  layout change to tokens and back, residual add: :data:`COMPILE_METHODS`), which otherwise runs
+  eagerly as a dozen fp32 copies, and forces inductor's layout optimisation
+  (:data:`CHANNELS_LAST_OPTIONS`). SD1.5 stays NCHW (see :func:`.channels_last.convert`).
 - **TF32** (``allow_tf32``): fp32 matrix products on the tensor cores (bf16/fp16 runs hardly
   have any; fp32 runs get several times faster).
 - **cuDNN autotuning** (``cudnn_benchmark``): cuDNN times its algorithms once per new shape.
@@ -59,17 +58,17 @@ log = logging.getLogger("finetune")
 #: SD3's joint blocks hold almost all of the work; the glue between them is a few large kernels.
 COMPILE_REGIONS: tuple[str, ...] = ("BasicTransformerBlock", "JointTransformerBlock", "ResnetBlock2D")
 
-#: Methods compiled on each instance of a class (or subclass), for the glue between the regions:
-#: a UNet transformer stage's GroupNorm, layout change to tokens and back, and residual add run
-#: eagerly otherwise, as a dozen fp32 copies and casts around each stage.
+#: Methods compiled on each instance of a class (or subclass) of a channels-last UNet, for the
+#: glue between the regions: a transformer stage's GroupNorm, layout change to tokens and back,
+#: and residual add run eagerly otherwise, as a dozen fp32 copies and casts around each stage.
 COMPILE_METHODS: tuple[str, ...] = (
     "Transformer2DModel._operate_on_continuous_inputs",
     "Transformer2DModel._get_output_for_continuous_inputs",
 )
 
-#: Inductor options for the compiled regions of a channels-last UNet. Layout optimisation keeps a region's convolutions
-#: and their gradients NHWC: inductor leaves it off for dynamic shapes, and a channels-last UNet's
-#: convolution backward then copied each incoming gradient to NHWC (4 ms of an SDXL step).
+#: Inductor options for the compiled regions of a channels-last UNet. Layout optimisation keeps a
+#: region's convolutions and their gradients NHWC: inductor leaves it off for dynamic shapes, and
+#: each convolution backward then copied its incoming gradient to NHWC (4 ms of an SDXL step).
 #: (``triton.multi_kernel`` measured 1.5-3 ms faster still, but a graph loaded from the compile
 #: cache fails with it in torch 2.11, so a second run would lose its compiled blocks.)
 CHANNELS_LAST_OPTIONS: tuple[tuple[str, object], ...] = (("force_layout_optimization", True),)
@@ -96,8 +95,8 @@ class SpeedSettings:
         backend: the ``torch.compile`` backend ("inductor"; tests use "aot_eager").
         mode: the ``torch.compile`` mode (None = default; "reduce-overhead" adds CUDA graphs).
         dynamic: ``torch.compile``'s ``dynamic`` (None = static first, dynamic after a shape change).
-        channels_last: a UNet's convolutions read and write NHWC end to end
-            (:mod:`.channels_last`; CUDA only).
+        channels_last: SDXL's UNet reads and writes NHWC end to end (:mod:`.channels_last`;
+            CUDA only).
         channels_last_group_norm: with ``channels_last``, GroupNorm statistics per channel first.
         tf32: TF32 for fp32 matrix products and convolutions (CUDA only).
         cudnn_benchmark: cuDNN algorithm autotuning (CUDA only).
