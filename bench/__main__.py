@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from .cases import CASES, SMOKE_CASES, TABLE, VARIANTS, BenchCase
-from .measure import Measurement, measure, profile_steps, train_flops
+from .measure import Measurement, card_check, measure, profile_steps, train_flops
 from .ours import our_step, variant_settings
 from .reference import reference_step
 
@@ -75,6 +75,7 @@ def _environment(device: torch.device) -> dict:
             env["triton"] = triton.__version__
         except ImportError:
             env["triton"] = "missing"
+        env["card"] = card_check(device)
     return env
 
 
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--parity",
         default="",
-        help="a case whose eager and default variants run 50 steps and are compared step by step",
+        help="comma list of cases whose eager and default variants run 50 steps and are compared step by step",
     )
     p.add_argument("--e2e", default="", help="end-to-end runs through train(): CASE:STEPS:WARM,...")
     p.add_argument("--checkpoint-every", type=int, default=200)
@@ -352,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in table]
     variants = [v for v in args.variants.split(",") if v]
     bad = [v for v in variants if v != "ref" and v not in VARIANTS]
+    parity_cases = set(filter(None, args.parity.split(",")))
+    if stray := sorted(parity_cases - set(names)):
+        say(f"--parity {stray}: also name them in --cases", file=sys.stderr)
+        return 2
     if unknown or bad:
         say(
             f"unknown cases {unknown} or variants {bad}; cases: {list(table)}; variants: ref, {list(VARIANTS)}",
@@ -380,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         case = table[name]
         case_variants = variants
         case_timed = timed
-        if name == args.parity:
+        if name in parity_cases:
             case_variants = list(dict.fromkeys([*variants, "eager", "default"]))
             case_timed = max(timed, 50 - warmup) if not args.smoke else timed
         rows = run_case(
@@ -400,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         all_rows += rows
         results["rows"] += [r.to_dict() for r in rows]
-        if name == args.parity:
+        if name in parity_cases:
             line = parity(rows)
             results["parity"].append(line)
             say(line, flush=True)
@@ -472,7 +477,14 @@ def main(argv: list[str] | None = None) -> int:
         say(line, flush=True)
         save()
 
-    say(f"\n=== table ({env.get('gpu', 'cpu')}, torch {env['torch']}, {time.monotonic() - t0:.0f}s) ===")
+    card = ""
+    if env.get("card"):
+        results["card_at_end"] = end = card_check(device)
+        card = f", bf16 matmul {env['card']['matmul_tflops']} TFLOP/s at start, {end['matmul_tflops']} at end"
+        save()
+    say(
+        f"\n=== table ({env.get('gpu', 'cpu')}, torch {env['torch']}, {time.monotonic() - t0:.0f}s{card}) ==="
+    )
     say(HEADER)
     for m in all_rows:
         say(row_text(m))

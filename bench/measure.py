@@ -68,6 +68,48 @@ def train_flops(step: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
+def card_check(device: torch.device) -> dict:
+    """What the card delivers right now: a bf16 matmul's TFLOP/s, its SM clock against the
+    maximum, the power limit, NVML's clock-event (throttle) reasons, and the processes on it.
+
+    A lent GPU can be shared, capped or throttled; this tells such a machine from a slow trainer
+    (an H100 SXM gives ~730 TFLOP/s here at 1980 MHz).
+    """
+    if device.type != "cuda":
+        return {}
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        a @ b
+    end.record()
+    end.synchronize()
+    out: dict = {"matmul_tflops": round(2 * n**3 * 20 / (start.elapsed_time(end) / 1e3) / 1e12, 1)}
+    del a, b
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        out["sm_mhz"] = pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM)
+        out["sm_mhz_max"] = pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM)
+        out["power_limit_w"] = round(pynvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1000)
+        reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or (
+            pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
+        )
+        out["clock_event_reasons"] = hex(reasons(h))
+        # This process included (PID namespaces keep us from telling which one is ours).
+        out["compute_processes"] = len(pynvml.nvmlDeviceGetComputeRunningProcesses(h))
+    except Exception as e:  # NVML is optional and its calls vary by driver; the matmul still says
+        out["nvml"] = f"{type(e).__name__}: {e}"
+    return out
+
+
 class BusySampler:
     """Samples NVML's GPU utilisation (share of time a kernel ran) in a background thread.
 

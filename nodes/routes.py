@@ -26,6 +26,7 @@ tests drive without ComfyUI; :func:`register_routes` works on any aiohttp ``Rout
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 from collections.abc import Callable
@@ -42,6 +43,10 @@ from ..trainer.runs.queries import json_safe, list_run_checkpoints, list_samples
 from .progress import WebsocketProgress, sample_url
 
 log = logging.getLogger("finetune")
+
+# How long ComfyUI's exit waits for running runs to finish their step and save. A full
+# fine-tune's resume state is the largest write (SDXL: ~30 GB of fp32 weights and AdamW moments).
+SHUTDOWN_TIMEOUT_S = 300.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,7 +204,9 @@ class FinetuneService:
     progress: WebsocketProgress
 
     def shutdown(self) -> None:
-        self.manager.shutdown()
+        """Stop the running runs, each saving a checkpoint and its resume state at its current
+        step, so quitting ComfyUI (Ctrl-C) loses no training. Runs at interpreter exit."""
+        self.manager.shutdown(timeout=SHUTDOWN_TIMEOUT_S, reason="ComfyUI shut down")
 
 
 def setup(server: Any = None) -> FinetuneService:
@@ -232,4 +239,8 @@ def setup(server: Any = None) -> FinetuneService:
         manager.runs_root,
         registered,
     )
-    return FinetuneService(manager=manager, progress=progress)
+    service = FinetuneService(manager=manager, progress=progress)
+    # ComfyUI's main returns normally on Ctrl-C, so atexit runs while the (daemon) training
+    # threads are still alive and can save; a second Ctrl-C skips the wait.
+    atexit.register(service.shutdown)
+    return service

@@ -361,16 +361,21 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="session", name="comfy")
-def comfy_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyClient]:
-    """A running real ComfyUI with the pack loaded (skipped without COMFYUI_PATH)."""
+def comfyui_path() -> Path:
+    """The ComfyUI checkout in ``COMFYUI_PATH``; skips the test when it is not set."""
     path = os.environ.get("COMFYUI_PATH")
     if not path:
         pytest.skip("COMFYUI_PATH is not set; point it at a ComfyUI checkout to run real-host tests")
     comfy_path = Path(path).resolve()
     if not (comfy_path / "main.py").is_file():
         pytest.fail(f"COMFYUI_PATH={path!r} has no main.py; point it at a ComfyUI checkout")
-    proc, client = start_server(comfy_path, tmp_path_factory.mktemp("comfy"))
+    return comfy_path
+
+
+@pytest.fixture(scope="session", name="comfy")
+def comfy_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyClient]:
+    """A running real ComfyUI with the pack loaded (skipped without COMFYUI_PATH)."""
+    proc, client = start_server(comfyui_path(), tmp_path_factory.mktemp("comfy"))
     try:
         yield client
     finally:

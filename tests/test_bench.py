@@ -20,3 +20,9 @@ def test_the_smoke_bench_runs_our_graph_step_and_matches_eager(capsys):
     assert re.search(r"sd15-lora-b1 default .* graphs 1/1/2", out), out
     parity = re.search(r"parity sd15-lora-b1 eager vs default over 3 steps: max \|dloss\|/loss (\S+),", out)
     assert parity and float(parity.group(1)) == 0.0, out
+
+
+def test_a_parity_case_must_be_one_of_the_cases(capsys):
+    code = main(["--smoke", "--cases", "sd15-lora-b1", "--parity", "sd15-lora-b1,sdxl-lora-b1"])
+    assert code == 2
+    assert "--parity ['sdxl-lora-b1']: also name them in --cases" in capsys.readouterr().err

@@ -14,13 +14,20 @@ single file is still dropped into ``checkpoints`` to check the node's ``ckpt_nam
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 import urllib.request
 import uuid
 
 import pytest
-from comfy_server import ComfyClient, comfy_fixture  # noqa: F401  (the `comfy` fixture)
+from comfy_server import (  # noqa: F401  (the `comfy` fixture)
+    ComfyClient,
+    comfy_fixture,
+    comfyui_path,
+    start_server,
+    stop_server,
+)
 from PIL import Image
 
 from trainer.config import Arch
@@ -106,6 +113,11 @@ def _wait_for(predicate, *, timeout: float, what: str):
 
 @pytest.fixture(scope="module")
 def models(comfy: ComfyClient):
+    return _install_models(comfy)
+
+
+def _install_models(comfy: ComfyClient) -> ComfyClient:
+    """A tiny SD1.5 in the server's model folders and a two-image dataset in its input folder."""
     bundle = tiny_bundle(Arch.SD15, seed=0)
     save_tiny_checkpoint(bundle, comfy.base_dir / "models" / "diffusers" / "tiny-sd15", single_file=False)
     save_tiny_checkpoint(bundle, comfy.models_dir / "checkpoints" / "tiny-sd15.safetensors", single_file=True)
@@ -117,7 +129,7 @@ def models(comfy: ComfyClient):
     return comfy
 
 
-def _training_prompt(comfy: ComfyClient) -> dict:
+def _training_prompt(comfy: ComfyClient, **overrides) -> dict:
     info = comfy.object_info()
     load = _defaults(info["FinetuneLoadDataset"]) | {"folder": "train_set"}
     train = _defaults(info["FinetuneTrainLoRA"]) | {
@@ -142,6 +154,7 @@ def _training_prompt(comfy: ComfyClient) -> dict:
         "validation_width": 64,
         "validation_height": 64,
     }
+    train.update(overrides)
     return {
         "1": {"class_type": "FinetuneLoadDataset", "inputs": load},
         "2": {"class_type": "FinetuneTrainLoRA", "inputs": train},
@@ -241,3 +254,39 @@ def test_training_runs_in_the_background_and_its_lora_reaches_the_loader(models:
     # Queued again once finished: the same run is reused, nothing retrains.
     again = comfy.run(_training_prompt(comfy), timeout=120)
     assert again["outputs"]["3"]["text"][0].startswith(f"run '{RUN}': finished, step {STEPS}/{STEPS}")
+
+
+def test_quitting_comfyui_saves_the_running_run_at_its_current_step(tmp_path):
+    """Ctrl-C in ComfyUI's terminal: the run stops after its step and saves it (LoRA file and
+    resume state), so nothing trained since the last checkpoint is lost."""
+    proc, comfy = start_server(comfyui_path(), tmp_path)
+    try:
+        _install_models(comfy)
+        never = 100_000  # no cadence checkpoint or sample: only the shutdown saves
+        prompt = _training_prompt(
+            comfy,
+            run_name="quit",
+            max_steps=never,
+            epochs=1000,
+            checkpoint_every=never,
+            validation_every=never,
+        )
+        comfy.run(prompt, timeout=120)
+        _wait_for(lambda: (_get(comfy, "/finetune/runs/quit")["step"] or 0) >= 3, timeout=300, what="step 3")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, comfy.log_tail()
+    finally:
+        stop_server(proc)
+    folder = comfy.output_dir / "finetune" / "quit"
+    status = json.loads((folder / "run.json").read_text(encoding="utf-8"))["status"]
+    step = status["step"]
+    assert step >= 3
+    assert (status["state"], status["message"]) == (
+        "stopped",
+        f"ComfyUI shut down at step {step}; resume to continue",
+    )
+    assert sorted(p.name for p in (folder / "checkpoints").glob("*.safetensors")) == [
+        f"quit-step{step:05d}.safetensors"
+    ]
+    assert [p.name for p in (folder / "state").iterdir()] == [f"step-{step:05d}"]
+    assert "quit: stopping after the current step and saving" in comfy.log_tail(200)

@@ -1,6 +1,7 @@
 """load_base_model: diffusers folders and single files load to exactly the weights they were saved from."""
 
 import hashlib
+import logging
 
 import pytest
 import torch
@@ -206,7 +207,7 @@ def test_prediction_type_detect_and_override(saved, tmp_path):
         load_base_model(saved[Arch.SD3]["folder"], prediction_type="epsilon")
 
 
-def test_dtype_applies_to_every_part(saved):
+def test_dtype_applies_to_every_part(saved, caplog):
     loaded = load_base_model(
         saved[Arch.SDXL]["file"],
         config_dir=saved[Arch.SDXL]["folder"],
@@ -215,6 +216,11 @@ def test_dtype_applies_to_every_part(saved):
     )
     dtypes = {p.dtype for m in (loaded.denoiser, loaded.vae, *loaded.text_encoders) for p in m.parameters()}
     assert dtypes == {torch.bfloat16}
+    # diffusers' "should be kept in float32: []" on every cast is dropped (a real list is not).
+    loaded.denoiser.to(torch.float32)
+    assert not [r for r in caplog.records if "kept in float32" in r.getMessage()]
+    modeling = logging.getLogger("diffusers.models.modeling_utils")
+    assert modeling.filter(logging.makeLogRecord({"msg": "should be kept in float32: ['norm']"}))
 
 
 def test_bad_paths(tmp_path):

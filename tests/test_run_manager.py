@@ -378,7 +378,7 @@ def real_manager(tmp_path):
 def _tiny(tmp_path, data, name: str, **kw) -> TrainConfig:
     from train_helpers import tiny_config
 
-    return tiny_config(tmp_path, data, run_name=name, epochs=5, **kw)
+    return tiny_config(tmp_path, data, run_name=name, **{"epochs": 5} | kw)
 
 
 def _fail_batch_loss_at(monkeypatch, step: int, make):
@@ -436,6 +436,32 @@ def test_real_engine_out_of_memory_fails_keeps_the_checkpoint_and_resumes(
         "oom-step00004.safetensors",
         "oom-step00006.safetensors",
     ]
+
+
+def test_real_engine_shutdown_saves_the_running_run_at_its_current_step(real_manager, tmp_path):
+    manager, data = real_manager
+    never = 100_000  # no cadence checkpoint: only the shutdown saves
+    manager.submit(_tiny(tmp_path, data, "quit", max_steps=never, epochs=1000, checkpoint_every=never))
+    manager.submit(_tiny(tmp_path, data, "waiting"))
+    until(lambda: manager.get("quit").step >= 2, timeout=120)
+
+    assert manager.shutdown(timeout=60, reason="ComfyUI shut down") == ["quit"]
+    folder = RunFolder(manager.runs_root / "quit")
+    status = folder.read()["status"]
+    step = status["step"]
+    assert (status["state"], status["message"]) == (
+        "stopped",
+        f"ComfyUI shut down at step {step}; resume to continue",
+    )
+    assert [p.name for p in folder.checkpoints_dir.iterdir()] == [f"quit-step{step:05d}.safetensors"]
+    assert [p.name for p in (folder.path / "state").iterdir()] == [f"step-{step:05d}"]
+    # The next ComfyUI finds it stopped (not interrupted); the queued run is the one marked.
+    again = RunManager(manager.runs_root.parent, devices=("cpu",))
+    try:
+        assert again.recovered == ["waiting"]
+        assert (again.get("quit").state, again.get("quit").step) == ("stopped", step)
+    finally:
+        again.shutdown(timeout=5)
 
 
 def test_real_engine_nan_loss_and_a_failing_write_fail_the_run(real_manager, tmp_path, monkeypatch):

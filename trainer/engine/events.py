@@ -88,8 +88,17 @@ class Commands:
 
     _stop: threading.Event = field(default_factory=threading.Event)
     _resume: threading.Event = field(default_factory=lambda: _set(threading.Event()))
+    _stop_reason: str = ""
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "") -> None:
+        """Ask the run to stop after its current step.
+
+        Args:
+            reason: what the run's message says stopped it ("" for the user); the first
+                request's reason is kept.
+        """
+        if not self._stop.is_set():
+            self._stop_reason = reason
         self._stop.set()
         self._resume.set()  # a paused run must wake up to stop
 
@@ -102,6 +111,10 @@ class Commands:
     @property
     def stop_requested(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def stop_reason(self) -> str:
+        return self._stop_reason
 
     @property
     def paused(self) -> bool:

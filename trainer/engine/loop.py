@@ -596,7 +596,8 @@ class _Run:
         if self.step > 0 and self.last_saved != self.step:
             self._checkpoint(self._epochs_done())
         self._write_loss_plot()
-        return self._end(RunState.STOPPED, f"stopped by the user at step {self.step}; resume to continue")
+        why = self.commands.stop_reason or "stopped by the user"
+        return self._end(RunState.STOPPED, f"{why} at step {self.step}; resume to continue")
 
     def _write_loss_plot(self) -> None:
         if self.runtime.is_main:

@@ -279,7 +279,9 @@ def _single_file_model(
             f"config for the {what} not found: {config_dir / sub / 'config.json'}", path=str(config_dir)
         )
     try:
-        model = cls.from_single_file(sd, config=str(config_dir), subfolder=sub, local_files_only=True)
+        model = cls.from_single_file(
+            sd, config=str(config_dir), subfolder=sub, local_files_only=True, torch_dtype=dtype
+        )
     except (KeyError, ValueError, RuntimeError, IndexError, SingleFileComponentError) as e:
         # diffusers appends advice about ignore_mismatched_sizes, which would load random weights: drop it.
         reason = str(e).split(" If you want to instead")[0].replace("Cannot load  because ", "")

@@ -360,19 +360,37 @@ class RunManager:
 
     # Shutdown ------------------------------------------------------------------------------------
 
-    def shutdown(self, *, timeout: float = 30.0) -> None:
-        """Stop running runs (saved checkpoints are kept), leave queued ones for a later resume,
-        and wait up to ``timeout`` seconds for the workers."""
+    def shutdown(self, *, timeout: float = 30.0, reason: str = "the run manager shut down") -> list[str]:
+        """Stop running runs after their current step (each saves a checkpoint and its resume
+        state there), leave queued ones for a later resume, and wait up to ``timeout`` seconds
+        for the workers.
+
+        Args:
+            timeout: seconds to wait for the runs to save and end.
+            reason: what the stopped runs' messages say stopped them.
+
+        Returns:
+            The names of the runs that were asked to stop.
+        """
         with self._lock:
             self._closed = True
             self._queue.clear()
+            stopping = []
             for run in self._runs.values():
-                if run.state in (RunState.RUNNING, RunState.PAUSED):
-                    run.commands.stop()
+                if run.state in (RunState.RUNNING, RunState.PAUSED, RunState.STOPPING):
+                    run.commands.stop(reason)
+                    stopping.append(run.name)
             self._changed.notify_all()
+        if stopping:
+            log.info(
+                "finetune: %s: stopping after the current step and saving (waiting up to %.0f s)",
+                ", ".join(stopping),
+                timeout,
+            )
         deadline = time.monotonic() + timeout
         for worker in self._workers:
             worker.join(max(0.0, deadline - time.monotonic()))
+        return stopping
 
     # Workers -------------------------------------------------------------------------------------
 
