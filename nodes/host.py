@@ -387,9 +387,6 @@ def send_event(event: str, data: dict) -> None:
     server = prompt_server()
     if server is None:
         return
-    loop = getattr(server, "loop", None)
-    if loop is not None and loop.is_closed():
-        return  # ComfyUI is exiting; runs saving at shutdown have nobody to tell
     server.send_sync(event, data)
 
 
