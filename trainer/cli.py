@@ -13,7 +13,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -76,7 +78,12 @@ def plan_arch(config: TrainConfig) -> Arch:
 
     Raises:
         ConfigError: ``arch`` is auto and the base model cannot tell.
+        ModelLoadError: the base model file is missing or a refused pickle file (as ``train`` says).
     """
+    from .models.load import check_model_path
+
+    if config.base_model:  # a plan may be made before a model is chosen (with arch set)
+        check_model_path(config.base_model, allow_pickle=config.allow_pickle)  # what train says
     if config.arch != Arch.AUTO:
         return config.arch
     path = Path(config.base_model)
@@ -188,13 +195,62 @@ def _progress_callbacks():
     return Bar()
 
 
+class _StopOnSignal:
+    """Ctrl-C (SIGINT) and SIGTERM stop the run after its current step, saving a checkpoint and
+    its resume state there, as the Stop button does in ComfyUI; a second Ctrl-C quits at once
+    without saving (the run is then ``interrupted`` and resumes from its last checkpoint).
+
+    Installed by the command line only: inside ComfyUI the host owns the process's signals.
+    """
+
+    _NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+    def __init__(self, commands, write):
+        self.commands = commands
+        self.write = write
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self._NAMES:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.commands.stop_requested:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # the second Ctrl-C: quit now, without saving
+            return  # a repeated SIGTERM: the save is already under way
+        name = self._NAMES.get(signum, f"signal {signum}")
+        self.commands.stop(f"stopped by {name}")
+        if _is_main_process():
+            self.write(
+                f"{name}: stopping after the current step and saving there"
+                + ("; press Ctrl-C again to quit without saving" if signum == signal.SIGINT else "")
+            )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from .engine.events import Commands
     from .engine.loop import train
 
     config = load_config(args.config, args.set or [])
     bar = _progress_callbacks() if _is_main_process() and not args.quiet else None
+    commands = Commands()
+
+    def write(text: str) -> None:
+        (bar.bar.write if bar is not None and bar.bar is not None else print)(text, file=sys.stderr)
+
     try:
-        result = train(config, callbacks=bar, resume=args.resume, device=args.device)
+        with _StopOnSignal(commands, write):
+            result = train(config, callbacks=bar, commands=commands, resume=args.resume, device=args.device)
+    except KeyboardInterrupt:
+        print("interrupted without saving; resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
     finally:
         if bar is not None:
             bar.close()

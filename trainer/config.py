@@ -551,6 +551,14 @@ class TrainConfig:
         # run.json stores the config under "config"; a bare config file is accepted too.
         if isinstance(data, dict) and "config" in data and isinstance(data["config"], dict):
             data = data["config"]
+        elif isinstance(data, dict) and "status" in data:
+            # A run.json whose run was killed before it recorded its settings (older versions
+            # recorded them only after the model loaded).
+            raise ConfigError(
+                "config",
+                f"{path} is a run.json without its config (the run was killed before it started "
+                "training); train again from the config file you started it with",
+            )
         return cls.from_dict(data)
 
     def to_json(self) -> str:

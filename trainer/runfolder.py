@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -177,6 +178,51 @@ class RunFolder:
         kept = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows if r.get("step", 0) <= step)
         atomic_write_bytes(self.metrics_path, kept.encode("utf-8"))
 
+    # temporaries ------------------------------------------------------------------------------
+
+    def stale_temporaries(self) -> list[Path]:
+        """Temporary files and folders a killed writer of this run left behind, oldest path first.
+
+        Only names this run's own writers make, in this run's folders: safetensors' ``.tmpXXXXXX``
+        (its Rust writer's temp file) in checkpoints/ and state/, the pack's
+        ``.<file>.<pid>-<id>.tmp`` / ``.<file>.tmp-<pid>`` / ``.<file>.tmp`` beside a file of the
+        run, ``.<name>.XXXX.tmp`` beside run.json and metrics.jsonl, and an unfinished
+        ``state/.tmp-step-NNNNN``. Files a user put there under other names are left alone.
+        """
+        found: list[Path] = []
+        run_files = (RUN_JSON, METRICS, "loss.png")
+        for path in _children(self.path):
+            if path.is_file() and path.name.startswith(tuple(f".{n}." for n in run_files)):
+                if path.name.endswith(".tmp"):
+                    found.append(path)
+        for folder in (self.checkpoints_dir, self.checkpoints_dir / "text_encoders", self.state_dir, self.samples_dir):
+            for path in _children(folder):
+                if _SAFETENSORS_TMP.match(path.name) and path.is_file():
+                    found.append(path)
+                elif folder == self.state_dir and _STATE_TMP.match(path.name) and path.is_dir():
+                    found.append(path)
+                elif path.is_file() and _is_own_temp(path.name, self.name):
+                    found.append(path)
+        return sorted(found)
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete :meth:`stale_temporaries` (call it only while no process writes this run).
+
+        Returns:
+            What was deleted.
+        """
+        removed = []
+        for path in self.stale_temporaries():
+            try:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+        return removed
+
     # samples ----------------------------------------------------------------------------------
 
     def sample_path(self, step: int, index: int) -> Path:
@@ -199,6 +245,32 @@ def list_runs(output_dir: str | os.PathLike) -> list[RunFolder]:
     if not root.is_dir():
         return []
     return sorted((RunFolder(p) for p in root.iterdir() if (p / RUN_JSON).is_file()), key=lambda r: r.name)
+
+
+# safetensors (0.5+) writes through Rust's tempfile crate: ".tmp" and six random characters.
+_SAFETENSORS_TMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
+_STATE_TMP = re.compile(r"^\.tmp-step-\d{5,}$")
+# trainer.lora.io: ".<file>.<pid>-<8 hex>.tmp"; models.files: ".<file>.tmp-<pid>"; saving: ".<file>.tmp";
+# atomic_write_bytes (mkstemp): ".<file>.<random>.tmp".
+_OWN_TEMP = re.compile(r"^\.(?P<file>.+?)\.(?:[^.]+\.tmp|tmp-\d+|tmp)$")
+
+
+def _is_own_temp(name: str, run_name: str) -> bool:
+    """True for a temporary of a file named after the run (``<run>-step00030.safetensors``...)
+    or of a sample (``step00010-0.png``)."""
+    match = _OWN_TEMP.match(name)
+    if match is None:
+        return False
+    target = match.group("file")
+    own = (f"{run_name}.", f"{run_name}-step", f"{run_name}-te")
+    return target.startswith(own) or bool(re.match(r"^step\d{5,}-\d+\.png$", target))
+
+
+def _children(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 _locks: dict[Path, threading.RLock] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 from collections.abc import Iterator
 
 import torch
@@ -51,17 +52,59 @@ class ImageReadFailure(TrainingFailure):
         )
 
 
+class RunRefused(TrainingFailure):
+    """A run that may not start in its folder as asked (changed settings on resume, a name
+    already taken). It is refused before anything in the folder is written."""
+
+
+# Errors that say where a run writes, not what it trains: each gets its cause and its fix.
+_READ_ONLY = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+_NOT_A_FOLDER = frozenset({errno.ENOTDIR, errno.EEXIST})
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+WRITE_ERRNOS = _READ_ONLY | _NOT_A_FOLDER | _DISK_FULL
+
+
+def write_failure_text(path: str, error: OSError) -> str:
+    """One sentence naming why writing ``path`` failed and what to do about it."""
+    if error.errno in _DISK_FULL:
+        return f"disk full while writing {path}; free some space, then resume the run"
+    if error.errno in _READ_ONLY:
+        return (
+            f"cannot write {path}: the output folder is read-only or not yours ({error.strerror}); "
+            "choose a writable output_dir or fix the folder's permissions, then resume the run"
+        )
+    if error.errno in _NOT_A_FOLDER:
+        return (
+            f"cannot write {path}: a file stands where a folder of this path should be; "
+            "move that file away or choose another output_dir, then resume the run"
+        )
+    return f"could not write {path}: {error.strerror or error}"
+
+
 class WriteFailure(TrainingFailure):
     """Writing a checkpoint, a sample or the resume state failed."""
 
     def __init__(self, path: str | os.PathLike, error: OSError):
         self.path = str(path)
         self.errno = error.errno
-        if error.errno == errno.ENOSPC:
-            text = f"disk full while writing {self.path}; free some space, then resume the run"
-        else:
-            text = f"could not write {self.path}: {error.strerror or error}"
-        super().__init__(text)
+        super().__init__(write_failure_text(self.path, error))
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def os_error_in(error: BaseException) -> OSError | None:
+    """The OS error a non-OSError carries in its text, or None.
+
+    safetensors' Rust writer raises ``SafetensorError("... No space left on device (os error 28)
+    ...")``, which is neither an ``OSError`` nor a ``RuntimeError``; the errno in its text is
+    what tells a full disk from a read-only folder.
+    """
+    match = _OS_ERROR.search(str(error))
+    if match is None:
+        return None
+    number = int(match.group(1))
+    return OSError(number, os.strerror(number))
 
 
 @contextlib.contextmanager
@@ -73,10 +116,12 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
         raise
     except OSError as e:
         raise WriteFailure(path, e) from e
-    except RuntimeError as e:
-        # safetensors reports a full disk as a RuntimeError carrying the OS message.
-        if "No space left" in str(e):
-            raise WriteFailure(path, OSError(errno.ENOSPC, "No space left on device")) from e
+    except Exception as e:
+        carried = os_error_in(e)
+        if carried is None and "No space left" in str(e):
+            carried = OSError(errno.ENOSPC, "No space left on device")
+        if carried is not None:
+            raise WriteFailure(path, carried) from e
         raise
 
 
@@ -106,11 +151,15 @@ def failure_message(error: BaseException, *, step: int, batch_size: int, resolut
         return oom_message(step=step, batch_size=batch_size, resolution=resolution)
     if isinstance(error, (TrainingFailure, ConfigError, StateError, ModelLoadError)):
         return str(error)
+    if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+        # run.json, metrics.jsonl and the run folder itself are written outside ``writing``.
+        return write_failure_text(str(error.filename or "the run folder"), error)
     if isinstance(error, OSError):
         where = f" {error.filename}" if error.filename else ""
-        if error.errno == errno.ENOSPC:
-            return f"disk full while writing{where}; free some space, then resume the run"
         return f"{type(error).__name__}{where}: {error.strerror or error}"
+    carried = os_error_in(error)
+    if carried is not None and carried.errno in WRITE_ERRNOS:
+        return write_failure_text("a file of the run", carried)
     if isinstance(error, (ValueError, ImportError, FileNotFoundError)):
         # Model, dataset and dependency errors are raised with messages meant for users.
         return str(error)

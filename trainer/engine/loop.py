@@ -26,23 +26,24 @@ from ..checkpoints import CheckpointStore
 from ..config import TrainConfig
 from ..data.scan import scan_dataset
 from ..models.bundle import ModelBundle
-from ..options import ConfigError, to_dict, validate
+from ..options import to_dict, validate
 from ..planning import plan_run
 from ..plot import plot_metrics
 from ..runfolder import RunFolder
 from .batches import StepBatches, epoch_steps
 from .caching import cache_root
 from .events import Callbacks, Commands, FanOutCallbacks, HostHooks, Progress, RunState
-from .failures import NonFiniteLoss, failure_message, is_oom, writing
+from .failures import NonFiniteLoss, RunRefused, failure_message, is_oom, writing
 from .graphs import StepGraphs, skips_on_device, step_graphs_for
 from .inputs import Prefetcher, input_builder_for
 from .optim import OptimizerSettings, build_optimizer, build_schedule, param_groups
+from .resume import check_start, prepare_folder
 from .runtime import Runtime
 from .saving import CheckpointContext, DatasetSummary, save_checkpoint
 from .setup import load_model, prepare_trainables
 from .speed import SpeedSession
 from .speed import apply as apply_speed
-from .state import Position, latest_state, list_states, load_state, save_state
+from .state import Position, latest_state, load_state, save_state
 from .step import Objective, batch_loss
 from .validation import render_prompts, save_samples
 
@@ -175,7 +176,8 @@ class _Run:
                 log.error("finetune: run %s failed: %s", self.name, message)
             if is_oom(e) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            return self._end(RunState.FAILED, message)
+            # A refused start leaves the folder of the run it would have harmed as it was.
+            return self._end(RunState.FAILED, message, record=not isinstance(e, RunRefused))
         finally:
             self.host.reserve(0)
             if self.runtime is not None:
@@ -187,8 +189,8 @@ class _Run:
             if self.graphs is not None:
                 self.graphs.release()
 
-    def _end(self, state: RunState, message: str) -> RunResult:
-        if self.runtime is None or self.runtime.is_main:
+    def _end(self, state: RunState, message: str, *, record: bool = True) -> RunResult:
+        if record and (self.runtime is None or self.runtime.is_main):
             try:
                 self.folder.set_status(
                     state.value, message, step=self.step, final_checkpoint=self.last_checkpoint
@@ -217,15 +219,11 @@ class _Run:
         validate(cfg)
         self.runtime = rt = Runtime(precision=cfg.mixed_precision, device=self.device)
         state_path = latest_state(self.folder.state_dir) if self.resume else None
-        if not self.resume and (self.store.list() or list_states(self.folder.state_dir)):
-            raise ConfigError(
-                "run_name",
-                f"{self.name!r} already has checkpoints in {self.folder.path}; resume that run, or choose another run_name",
-            )
+        check_start(self.folder, self.store, cfg, resume=self.resume, state_path=state_path)
         if self.resume and state_path is None:
             log.warning("finetune: run %s has no resume state yet; starting from step 0", self.name)
         if rt.is_main:
-            self.folder.create()
+            prepare_folder(self.folder, cfg, state_path=state_path)
         self._status(RunState.RUNNING, "loading the model")
 
         self.host.free_memory()
@@ -340,8 +338,6 @@ class _Run:
             self.last_checkpoint = (
                 str(latest.path) if latest is not None and latest.path is not None else None
             )
-            if rt.is_main:
-                self.folder.truncate_metrics_after(position.step)
             log.info(
                 "finetune: run %s resumes at step %d (epoch %d)", self.name, position.step, position.epoch
             )

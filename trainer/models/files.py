@@ -76,6 +76,15 @@ def safetensors_metadata(path: str) -> dict[str, str]:
     return dict(read_safetensors_header(path).get("__metadata__") or {})
 
 
+def pickle_refused(path: str) -> ModelLoadError:
+    """The error for a pickle weight file read without ``allow_pickle``."""
+    return ModelLoadError(
+        f"refusing to load pickle file {path}: pickle files can run code when opened. "
+        "Convert it to .safetensors, or allow pickle files explicitly (loaded with torch.load(weights_only=True)).",
+        path=path,
+    )
+
+
 def load_state_dict(path: str, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Load every tensor of a single weight file onto the CPU.
 
@@ -93,11 +102,7 @@ def load_state_dict(path: str, *, allow_pickle: bool = False) -> dict[str, torch
     suffix = Path(path).suffix.lower()
     if suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
-            raise ModelLoadError(
-                f"refusing to load pickle file {path}: pickle files can run code when opened. "
-                "Convert it to .safetensors, or allow pickle files explicitly (loaded with torch.load(weights_only=True)).",
-                path=path,
-            )
+            raise pickle_refused(path)
         if not os.path.isfile(path):
             raise ModelLoadError(f"model file not found: {path}", path=path)
         try:

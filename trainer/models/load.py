@@ -30,7 +30,13 @@ from .configs import (
 )
 from .detect import LDM_PREFIX, TEXT_ENCODER_PREFIXES, VAE_PREFIX, CheckpointInfo, inspect_checkpoint
 from .errors import ModelLoadError
-from .files import SAFETENSORS_SUFFIXES, load_state_dict, read_safetensors_header
+from .files import (
+    PICKLE_SUFFIXES,
+    SAFETENSORS_SUFFIXES,
+    load_state_dict,
+    pickle_refused,
+    read_safetensors_header,
+)
 from .text_encoders import build_text_encoder
 from .tokenizers import load_tokenizers
 
@@ -444,6 +450,28 @@ def load_single_file(
     )
 
 
+def check_model_path(path: str, *, allow_pickle: bool = False) -> None:
+    """What can be said of a base model path without reading its weights (what ``plan`` says too).
+
+    Raises:
+        ModelLoadError: no path, a missing file, a folder that is no diffusers model, or a
+            pickle file without ``allow_pickle``.
+    """
+    if not path:
+        raise ModelLoadError("no model path given")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise ModelLoadError(
+                f"{path} is a folder without model_index.json; give a diffusers model folder or a single .safetensors file",
+                path=path,
+            )
+        return
+    if not os.path.exists(path):
+        raise ModelLoadError(f"model file not found: {path}", path=path)
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        raise pickle_refused(path)
+
+
 def load_base_model(
     path: str,
     *,
@@ -487,14 +515,8 @@ def load_base_model(
     Raises:
         ModelLoadError: Anything wrong with the files, with the path and what to do.
     """
-    if not path:
-        raise ModelLoadError("no model path given")
+    check_model_path(path, allow_pickle=allow_pickle)
     if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "model_index.json")):
-            raise ModelLoadError(
-                f"{path} is a folder without model_index.json; give a diffusers model folder or a single .safetensors file",
-                path=path,
-            )
         return load_diffusers_folder(
             path,
             arch=arch,
@@ -504,8 +526,6 @@ def load_base_model(
             prediction_type=prediction_type,
             dtype=dtype,
         )
-    if not os.path.exists(path):
-        raise ModelLoadError(f"model file not found: {path}", path=path)
     return load_single_file(
         path,
         arch=arch,

@@ -67,6 +67,30 @@ def config_changes(stored: dict[str, Any], config: TrainConfig) -> list[str]:
     ]
 
 
+def harmless_changes(stored: dict[str, Any], config: TrainConfig) -> list[str]:
+    """The settings that differ but may change on resume (validation, workers...), as
+    ``"key old -> new"`` lines; empty when the stored config is unreadable."""
+    try:
+        old = to_dict(TrainConfig.from_dict(stored))
+    except ConfigError:
+        return []
+    new = to_dict(config)
+    return [
+        f"{key} {_short(old.get(key))} -> {_short(new.get(key))}"
+        for key in sorted(_RESUMABLE_CHANGES - {"output_dir"})
+        if old.get(key) != new.get(key)
+    ]
+
+
+def resume_refusal(name: str, changes: list[str]) -> str:
+    """The sentence refusing to resume run ``name`` with settings that change what it learns."""
+    return (
+        f"run {name!r} cannot resume with changed settings ({'; '.join(changes[:6])}): they change what "
+        "the run learns from its saved state. Resume with the recorded settings (train <run>/run.json "
+        "--resume), or choose another run_name to train with the new ones."
+    )
+
+
 def has_resume_point(folder: RunFolder) -> bool:
     """True when the run saved something to continue from: resume state or a step checkpoint."""
     state_dir = folder.state_dir

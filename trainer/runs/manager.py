@@ -26,7 +26,14 @@ from ..config import TrainConfig
 from ..engine.events import Callbacks, Commands, FanOutCallbacks, HostHooks, Progress, RunState
 from ..options import ConfigError, to_dict
 from ..runfolder import RunFolder, RunPathError, list_runs, runs_root, sanitize_run_name
-from .folder_state import config_changes, has_resume_point, mark_interrupted, state_of
+from .folder_state import (
+    config_changes,
+    harmless_changes,
+    has_resume_point,
+    mark_interrupted,
+    resume_refusal,
+    state_of,
+)
 from .info import RunHandle, RunInfo, RunNotFound, RunStateError, info_from_folder
 from .queries import open_run
 
@@ -174,6 +181,18 @@ class RunManager:
                     f"run {name!r} is {status.get('state')} in another process (pid {status.get('pid')}); "
                     "wait for it to end or choose another run_name"
                 )
+            if isinstance(data.get("config"), dict) and resume and has_resume_point(folder):
+                # Checked before anything is written: a refused resume leaves run.json as it was.
+                changes = config_changes(data["config"], config)
+                if changes:
+                    raise RunStateError(resume_refusal(name, changes))
+                harmless = harmless_changes(data["config"], config)
+                if harmless:
+                    log.warning(
+                        "finetune: run %s resumes with changed settings that do not change what it learns: %s",
+                        name,
+                        "; ".join(harmless),
+                    )
             if isinstance(data.get("config"), dict) and not resume:
                 changes = config_changes(data["config"], config)
                 if changes:
