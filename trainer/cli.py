@@ -113,12 +113,11 @@ def make_run_plan(config: TrainConfig, *, num_processes: int = 1) -> dict[str, A
     Returns:
         ``{"arch", "resolution", "images", "samples_per_epoch", "problems", "buckets", "plan"}``.
     """
-    from .data.scan import scan_dataset
-    from .planning import plan_run
+    from .planning import plan_run, scan_for_run
 
     arch = plan_arch(config)
     resolution = config.native_resolution(arch)
-    dataset = scan_dataset(config.dataset)
+    dataset = scan_for_run(config, resolution)
     run_plan = plan_run(config, dataset, resolution=resolution, num_processes=num_processes)
     plan, counts = run_plan.plan, run_plan.bucket_counts
     return {

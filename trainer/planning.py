@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .config import TrainConfig
 from .data.buckets import Bucket, BucketSet, assign_buckets
-from .data.scan import ScannedDataset
+from .data.scan import ScannedDataset, scan_dataset
 from .plan import StepPlan, make_plan
 
 
@@ -35,6 +35,15 @@ def bucket_set_for(config: TrainConfig, resolution: int) -> BucketSet:
         max_side=config.max_bucket_resolution,
         step=config.bucket_step,
     )
+
+
+def scan_for_run(config: TrainConfig, resolution: int) -> ScannedDataset:
+    """Scan the run's dataset with the run's size rule: images far below its smallest bucket are
+    problems unless ``allow_upscale`` is on (``plan`` and the trainer both scan through here)."""
+    smallest = 0
+    if not config.allow_upscale:
+        smallest = min(min(b) for b in bucket_set_for(config, resolution).buckets)
+    return scan_dataset(config.dataset, smallest_bucket_side=smallest)
 
 
 def plan_run(

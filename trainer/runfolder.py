@@ -195,7 +195,12 @@ class RunFolder:
             if path.is_file() and path.name.startswith(tuple(f".{n}." for n in run_files)):
                 if path.name.endswith(".tmp"):
                     found.append(path)
-        for folder in (self.checkpoints_dir, self.checkpoints_dir / "text_encoders", self.state_dir, self.samples_dir):
+        for folder in (
+            self.checkpoints_dir,
+            self.checkpoints_dir / "text_encoders",
+            self.state_dir,
+            self.samples_dir,
+        ):
             for path in _children(folder):
                 if _SAFETENSORS_TMP.match(path.name) and path.is_file():
                     found.append(path)

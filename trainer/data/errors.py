@@ -12,6 +12,7 @@ class ProblemReason(str, Enum):
     UNREADABLE_IMAGE = "unreadable image"
     ZERO_BYTE = "zero-byte file"
     IMAGE_TOO_LARGE = "image too large"
+    IMAGE_TOO_SMALL = "image too small"
     MISSING_CAPTION = "missing caption"
     EMPTY_CAPTION = "empty caption"
     CAPTION_NOT_UTF8 = "caption not UTF-8"

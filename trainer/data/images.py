@@ -109,6 +109,7 @@ def probe_image(
     with _open(path, max_pixels=max_pixels) as img:
         width, height = img.size
         orientation = _orientation(img)
+        fmt = img.format
         if verify:
             try:
                 img.verify()
@@ -118,9 +119,50 @@ def probe_image(
                     paths=[path],
                     reason=ProblemReason.UNREADABLE_IMAGE,
                 ) from None
+    if verify:
+        _check_complete(path, fmt, max_pixels=max_pixels)
     if orientation in _ROTATED_ORIENTATIONS:
         return height, width
     return width, height
+
+
+_JPEG_END = b"\xff\xd9"
+_TAIL_BYTES = 4096
+
+
+def _check_complete(path: Path, fmt: str | None, *, max_pixels: int) -> None:
+    """Find an image cut short (an interrupted copy or download) without decoding good ones.
+
+    The scan must stay fast on datasets of thousands of photos, and ``verify()`` only reads the
+    structure of a PNG (chunk checksums, up to IEND), not of a JPEG or a BMP. A whole JPEG ends
+    with its end-of-image marker, so JPEGs are checked by reading their last few bytes; only one
+    that does not end with it (cut, or with trailing data some cameras append) is decoded to
+    decide. Other formats that ``verify()`` does not cover (WebP, BMP; rare in datasets) are
+    decoded. Checking the marker also holds when a host set Pillow's global LOAD_TRUNCATED_IMAGES
+    (under which decoding a cut file pads it with grey instead of failing); the global itself is
+    left alone, other threads of the host read it.
+
+    Raises:
+        DatasetError: (UNREADABLE_IMAGE) naming the file.
+    """
+    if fmt == "PNG":
+        return
+    if fmt in ("JPEG", "MPO"):
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - _TAIL_BYTES))
+            tail = f.read().rstrip(b"\x00\r\n\t ")
+        if tail.endswith(_JPEG_END):
+            return
+    try:
+        with _open(path, max_pixels=max_pixels) as img:
+            img.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(
+            f"{path}: the image could not be decoded ({e}); the file is probably cut short. "
+            "Copy it again, re-export it, or delete it",
+            paths=[path],
+            reason=ProblemReason.UNREADABLE_IMAGE,
+        ) from None
 
 
 def _parse_colour(background: str) -> tuple[int, int, int]:

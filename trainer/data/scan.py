@@ -26,11 +26,15 @@ log = logging.getLogger("finetune")
 __all__ = ["Item", "Problem", "ProblemReason", "ScannedDataset", "parse_kohya_folder", "scan_dataset"]
 
 _KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
+# "Far below the smallest bucket": a shorter side under a quarter of the smallest bucket side
+# would be enlarged more than 4x (a 1x1 image became a 64x64 bucket, 64x) - noise, not data.
+TINY_FACTOR = 4
 
 _FIXES: dict[ProblemReason, str] = {
     ProblemReason.UNREADABLE_IMAGE: "re-export it as PNG or JPEG, or delete it",
     ProblemReason.ZERO_BYTE: "copy it again or delete it",
     ProblemReason.IMAGE_TOO_LARGE: "downscale it",
+    ProblemReason.IMAGE_TOO_SMALL: "use a larger image, or turn on allow_upscale to train it enlarged",
     ProblemReason.MISSING_CAPTION: "add a caption file with the same name, or turn on folder_name_as_caption",
     ProblemReason.EMPTY_CAPTION: "write a caption into it, or delete it and its image",
     ProblemReason.CAPTION_NOT_UTF8: "re-save it as UTF-8",
@@ -175,7 +179,7 @@ def _read_caption(path: Path) -> tuple[str | None, Problem | None]:
 
 
 def _scan_folder(
-    folder: Path, repeats: int, concept: str, *, part_index: int, part: DatasetPart
+    folder: Path, repeats: int, concept: str, *, part_index: int, part: DatasetPart, smallest_side: int
 ) -> tuple[list[Item], list[Problem], int]:
     """Scan one folder's own files. Returns (items, problems, number of image files seen)."""
     source = part.source
@@ -193,13 +197,22 @@ def _scan_folder(
     for image in images:
         problems_before = len(problems)
         try:
-            probe_image(image, verify=True)
+            width, height = probe_image(image, verify=True)
         except DatasetError as e:
             problems.append(
                 Problem(
                     str(image), e.reason or ProblemReason.UNREADABLE_IMAGE, str(e).removeprefix(f"{image}: ")
                 )
             )
+        else:
+            if min(width, height) * TINY_FACTOR < smallest_side:
+                problems.append(
+                    Problem(
+                        str(image),
+                        ProblemReason.IMAGE_TOO_SMALL,
+                        f"{width}x{height} px, far below the smallest bucket side of {smallest_side} px",
+                    )
+                )
         caption_file = captions.get(image.stem)
         caption: str | None
         if caption_file is not None:
@@ -226,7 +239,7 @@ def _scan_folder(
     return items, problems, len(images)
 
 
-def _scan_part(part_index: int, part: DatasetPart) -> tuple[list[Item], list[Problem]]:
+def _scan_part(part_index: int, part: DatasetPart, *, smallest_side: int) -> tuple[list[Item], list[Problem]]:
     source = part.source
     if not source.folder.strip():
         raise DatasetError(
@@ -246,7 +259,7 @@ def _scan_part(part_index: int, part: DatasetPart) -> tuple[list[Item], list[Pro
     try:
         for folder, repeats, concept in _folders(root, recursive=source.recursive):
             folder_items, folder_problems, seen = _scan_folder(
-                folder, repeats, concept, part_index=part_index, part=part
+                folder, repeats, concept, part_index=part_index, part=part, smallest_side=smallest_side
             )
             items += folder_items
             problems += folder_problems
@@ -274,14 +287,18 @@ def _problem_listing(problems: list[Problem]) -> str:
     return "\n".join(f"  - {p}; {p.fix}" for p in problems)
 
 
-def scan_dataset(spec: DatasetSpec) -> ScannedDataset:
+def scan_dataset(spec: DatasetSpec, *, smallest_bucket_side: int = 0) -> ScannedDataset:
     """Find every image and caption of ``spec``'s parts and check them.
 
-    Images are checked cheaply (header read and structural verify, no decoding). Items come in a
-    deterministic order: parts in order, folders and files sorted by path.
+    Images are checked cheaply: header read, structural verify, and a check that the file is not
+    cut short (see :func:`~trainer.data.images.probe_image`); a good JPEG or PNG is not decoded.
+    Items come in a deterministic order: parts in order, folders and files sorted by path.
 
     Args:
         spec: The dataset parts (folders, caption policies, repeat factors).
+        smallest_bucket_side: The smallest bucket side of the run (0: no size check). An image
+            whose shorter side is below 1/:data:`TINY_FACTOR` of it is a problem
+            (``image too small``); runs that allow upscaling pass 0.
 
     Returns:
         The usable items and, for parts set to ``on_problem=skip``, the problems left out.
@@ -296,7 +313,7 @@ def scan_dataset(spec: DatasetSpec) -> ScannedDataset:
     skipped: list[Problem] = []
     blocking: list[Problem] = []
     for index, part in enumerate(spec.parts):
-        part_items, part_problems = _scan_part(index, part)
+        part_items, part_problems = _scan_part(index, part, smallest_side=smallest_bucket_side)
         items += part_items
         (blocking if part.source.on_problem == OnProblem.STOP else skipped).extend(part_problems)
     if blocking:

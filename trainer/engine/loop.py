@@ -24,10 +24,9 @@ import torch
 
 from ..checkpoints import CheckpointStore
 from ..config import TrainConfig
-from ..data.scan import scan_dataset
 from ..models.bundle import ModelBundle
 from ..options import to_dict, validate
-from ..planning import plan_run
+from ..planning import plan_run, scan_for_run
 from ..plot import plot_metrics
 from ..runfolder import RunFolder
 from .batches import StepBatches, epoch_steps
@@ -249,7 +248,7 @@ class _Run:
         self.denoiser = rt.wrap(bundle.denoiser) if self.graphs is None else rt.share(bundle.denoiser)
         self._reserve()
 
-        dataset = scan_dataset(cfg.dataset)
+        dataset = scan_for_run(cfg, self.resolution)
         run_plan = plan_run(cfg, dataset, resolution=self.resolution, num_processes=rt.world_size)
         buckets, plan = run_plan.item_buckets, run_plan.plan
         self.dataset, self.buckets, self.plan = dataset, buckets, plan
