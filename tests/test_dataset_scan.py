@@ -341,3 +341,67 @@ def test_bundled_demo_dataset_scans(tmp_path):
     img = dataset.load_image(dataset.items.index(red))
     assert img.getpixel((32, 32)) == (220, 30, 30)
     assert img.getpixel((1, 1)) == (255, 255, 255)
+
+
+def write_cut_jpeg(path: Path, *, keep: float = 0.4) -> Path:
+    """A noisy 128x96 JPEG cut to ``keep`` of its bytes (an interrupted copy); Pillow still opens it."""
+    import numpy as np
+
+    noise = (np.random.default_rng(0).random((96, 128, 3)) * 255).astype("uint8")
+    Image.fromarray(noise).save(path, "JPEG")
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def test_a_cut_jpeg_and_a_tiny_image_are_listed_with_the_size(tmp_path):
+    write_pair(tmp_path, "good", "a good caption", size=(64, 64))
+    write_cut_jpeg(tmp_path / "cut.jpg")
+    (tmp_path / "cut.txt").write_text("a cut photo", encoding="utf-8")
+    write_pair(tmp_path, "dot", "a single pixel", size=(1, 1))
+
+    skipped = scan_dataset(spec_for(tmp_path, on_problem=OnProblem.SKIP), smallest_bucket_side=256)
+    assert [Path(i.image_path).name for i in skipped.items] == ["good.png"]
+    problems = {Path(p.path).name: p for p in skipped.problems}
+    assert {name: p.reason for name, p in problems.items()} == {
+        "cut.jpg": ProblemReason.UNREADABLE_IMAGE,
+        "dot.png": ProblemReason.IMAGE_TOO_SMALL,
+    }
+    assert problems["dot.png"].detail == "1x1 px, far below the smallest bucket side of 256 px"
+    assert "image file is truncated" in problems["cut.jpg"].detail
+    assert str(problems["dot.png"]).endswith(
+        "dot.png: image too small (1x1 px, far below the smallest bucket side of 256 px)"
+    )
+
+    with pytest.raises(DatasetError) as info:
+        scan_dataset(spec_for(tmp_path), smallest_bucket_side=256)
+    assert str(info.value).startswith("the dataset has 2 problem file(s):")
+    assert sorted(Path(p).name for p in info.value.paths) == ["cut.jpg", "dot.png"]
+    assert "turn on allow_upscale to train it enlarged" in str(info.value)
+
+    # Without a size rule (allow_upscale), only the cut file is a problem; 64 px is no problem at 256.
+    upscaled = scan_dataset(spec_for(tmp_path, on_problem=OnProblem.SKIP))
+    assert sorted(Path(i.image_path).name for i in upscaled.items) == ["dot.png", "good.png"]
+    assert [Path(p.path).name for p in upscaled.problems] == ["cut.jpg"]
+
+
+def test_whole_jpegs_and_pngs_are_not_decoded_by_the_scan(tmp_path, monkeypatch):
+    """The completeness check reads a JPEG's last bytes, so a big dataset scans at header speed."""
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(tmp_path / "photo.jpg", "JPEG")
+    (tmp_path / "photo.txt").write_text("a photo", encoding="utf-8")
+    write_pair(tmp_path, "drawing", "a drawing", size=(64, 64))
+    decoded = []
+    real_load = Image.Image.load
+
+    def spy(self):
+        decoded.append(getattr(self, "filename", ""))
+        return real_load(self)
+
+    monkeypatch.setattr(Image.Image, "load", spy)
+    from PIL import JpegImagePlugin, PngImagePlugin
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", spy, raising=False)
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", spy, raising=False)
+    dataset = scan_dataset(spec_for(tmp_path), smallest_bucket_side=64)
+    assert sorted(Path(i.image_path).name for i in dataset.items) == ["drawing.png", "photo.jpg"]
+    assert decoded == []
