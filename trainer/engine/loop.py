@@ -1,7 +1,8 @@
 """The training loop: ``train(config) -> RunResult``.
 
-Order of a run: free host memory -> load the model -> add LoRA or unfreeze -> scan the dataset,
-assign buckets, make the plan, write run.json -> caches -> (validation at step 0) -> steps, with
+Order of a run: check and ready the run folder (see :mod:`.resume`: a refused resume writes
+nothing; stale temporaries go; the config is recorded) -> free host memory -> load the model -> add
+LoRA or unfreeze -> scan the dataset, assign buckets, make the plan, write run.json -> caches -> (validation at step 0) -> steps, with
 checkpoints, resume state, pruning and validation on their cadences -> the final checkpoint.
 
 Between steps the loop checks the user's commands (stop, pause) and, if asked, waits while the
