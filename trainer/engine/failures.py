@@ -139,26 +139,31 @@ def is_oom(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
 
 
-def failure_message(error: BaseException, *, step: int, batch_size: int, resolution: int) -> str:
+def failure_message(
+    error: BaseException, *, step: int, batch_size: int, resolution: int, output_dir: str = ""
+) -> str:
     """The one sentence a user reads for ``error`` raised at ``step``.
 
     Args:
         error: what the loop caught.
         step: the optimizer step being run (1-based) or the last one finished.
         batch_size, resolution: named in the out-of-memory advice.
+        output_dir: the run's output folder: an OS error on a path inside it is a write failure
+            (run.json, metrics.jsonl and the run folder itself are written outside ``writing``).
     """
     if is_oom(error):
         return oom_message(step=step, batch_size=batch_size, resolution=resolution)
     if isinstance(error, (TrainingFailure, ConfigError, StateError, ModelLoadError)):
         return str(error)
-    if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
-        # run.json, metrics.jsonl and the run folder itself are written outside ``writing``.
-        return write_failure_text(str(error.filename or "the run folder"), error)
     if isinstance(error, OSError):
-        where = f" {error.filename}" if error.filename else ""
-        return f"{type(error).__name__}{where}: {error.strerror or error}"
+        where = str(error.filename or "")
+        if error.errno in _DISK_FULL or (
+            error.errno in WRITE_ERRNOS and output_dir and where.startswith(str(output_dir))
+        ):
+            return write_failure_text(where or "a file of the run", error)
+        return f"{type(error).__name__}{' ' + where if where else ''}: {error.strerror or error}"
     carried = os_error_in(error)
-    if carried is not None and carried.errno in WRITE_ERRNOS:
+    if carried is not None and carried.errno in _DISK_FULL:
         return write_failure_text("a file of the run", carried)
     if isinstance(error, (ValueError, ImportError, FileNotFoundError)):
         # Model, dataset and dependency errors are raised with messages meant for users.

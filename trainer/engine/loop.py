@@ -1,9 +1,10 @@
 """The training loop: ``train(config) -> RunResult``.
 
 Order of a run: check and ready the run folder (see :mod:`.resume`: a refused resume writes
-nothing; stale temporaries go; the config is recorded) -> free host memory -> load the model -> add
-LoRA or unfreeze -> scan the dataset, assign buckets, make the plan, write run.json -> caches -> (validation at step 0) -> steps, with
-checkpoints, resume state, pruning and validation on their cadences -> the final checkpoint.
+nothing, stale temporaries go, the config is recorded) -> free host memory -> load the model -> add
+LoRA or unfreeze -> scan the dataset, assign buckets, make the plan, write run.json -> caches ->
+(validation at step 0) -> steps, with checkpoints, resume state, pruning and validation on their
+cadences -> the final checkpoint.
 
 Between steps the loop checks the user's commands (stop, pause) and, if asked, waits while the
 host (ComfyUI) is busy. Every failure ends the run with one clear message (see
@@ -168,7 +169,11 @@ class _Run:
             raise
         except Exception as e:  # every failure ends the run with a message; nothing escapes
             message = failure_message(
-                e, step=self.step + 1, batch_size=self.config.batch_size, resolution=self.resolution
+                e,
+                step=self.step + 1,
+                batch_size=self.config.batch_size,
+                resolution=self.resolution,
+                output_dir=self.config.output_dir,
             )
             if message.startswith("unexpected error"):
                 log.exception("finetune: run %s failed", self.name)
