@@ -468,3 +468,29 @@ def test_the_run_manager_resumes_from_scratch_cleanly_and_refuses_changed_settin
         manager.submit(dataclasses.replace(config, lora_rank=8), resume=True)
     assert str(info.value).startswith("run 'comfy' cannot resume with changed settings (lora_rank 4 -> 8)")
     assert folder.run_json.read_bytes() == before
+
+
+def test_training_refuses_or_leaves_out_cut_and_tiny_images_before_step_one(tmp_path, caplog):
+    from test_dataset_scan import write_cut_jpeg
+
+    from trainer.engine.loop import train
+
+    data = make_images(tmp_path / "data", [(64, 64), (64, 64), (1, 1)])  # img2 is 1x1
+    write_cut_jpeg(data / "1_things" / "cut.jpg")
+    (data / "1_things" / "cut.txt").write_text("a cut photo", encoding="utf-8")
+    config = tiny_config(tmp_path, data, run_name="stop", max_steps=2)
+    result = train(config, model_loader=_tiny_loader, device="cpu")
+    assert (result.state.value, result.step) == ("failed", 0)
+    assert result.message.startswith("the dataset has 2 problem file(s):")
+    assert "img2.png: image too small (1x1 px, far below the smallest bucket side of 64 px)" in result.message
+    assert not (tmp_path / "out" / "finetune" / "stop" / "metrics.jsonl").exists()
+
+    skip = DatasetSpec(parts=[DatasetPart(source=DatasetSource(folder=str(data), on_problem="skip"))])
+    config = tiny_config(tmp_path, data, run_name="skip", max_steps=2, dataset=skip)
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        result = train(config, model_loader=_tiny_loader, device="cpu")
+    assert (result.state.value, result.step) == ("finished", 2)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dataset: leaving out")]
+    assert [Path(m.split("leaving out ")[1].split(":")[0]).name for m in said] == ["cut.jpg", "img2.png"]
+    run = json.loads((tmp_path / "out" / "finetune" / "skip" / "run.json").read_text())
+    assert run["plan"]["steps_per_epoch"] == 2  # the two good images
