@@ -181,7 +181,7 @@ class RunFolder:
     # temporaries ------------------------------------------------------------------------------
 
     def stale_temporaries(self) -> list[Path]:
-        """Temporary files and folders a killed writer of this run left behind, oldest path first.
+        """Temporary files and folders a killed writer of this run left behind, sorted by path.
 
         Only names this run's own writers make, in this run's folders: safetensors' ``.tmpXXXXXX``
         (its Rust writer's temp file) in checkpoints/ and state/, the pack's
