@@ -168,7 +168,9 @@ def test_sd3_files_of_earlier_versions_still_load(tmp_path):
         "denoiser": len(lora_layers(denoiser)),
         **{f"text_encoder[{i}]": len(lora_layers(te)) for i, te in enumerate(encoders)},
     }
-    torch.testing.assert_close(denoise(Arch.SD3, fresh_denoiser), denoise(Arch.SD3, denoiser), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        denoise(Arch.SD3, fresh_denoiser), denoise(Arch.SD3, denoiser), atol=1e-5, rtol=0
+    )
     for fresh, trained in zip(fresh_encoders, encoders, strict=True):
         torch.testing.assert_close(encode(fresh), encode(trained), atol=1e-5, rtol=0)
 
