@@ -71,14 +71,20 @@ def _module(key: str) -> str:
     return key
 
 
-def _adapter_delta(lora: dict, keys: list[str], torch):
-    """Σ-able (alpha/rank)·up·down of one patch, from the file tensors ComfyUI says it read."""
-    by_suffix = {next((s for s in _MODULE_SUFFIXES if k.endswith(s)), k): k for k in keys}
-    up = lora[by_suffix.get(".lora_up.weight") or by_suffix[".lora_B.weight"]].float()
-    down = lora[by_suffix.get(".lora_down.weight") or by_suffix[".lora_A.weight"]].float()
+def _adapter_delta(lora: dict, adapter, key_of: dict):
+    """(alpha/rank)·up·down of one patch from the file's tensors, and the file module it came from.
+
+    ``adapter.weights`` holds the very tensors of the file dict (up, down, alpha, ...), so their
+    identity names the file keys ComfyUI used; the alpha is read from the file again.
+    """
+    up_key, down_key = key_of[id(adapter.weights[0])], key_of[id(adapter.weights[1])]
+    module = _module(up_key)
+    if _module(down_key) != module:
+        raise AssertionError(f"ComfyUI paired {up_key} with {down_key}")
+    up, down = lora[up_key].float(), lora[down_key].float()
     rank = down.shape[0]
-    alpha = float(lora[by_suffix[".alpha"]]) if ".alpha" in by_suffix else float(rank)
-    return (alpha / rank) * (up.flatten(1) @ down.flatten(1)), _module(keys[0])
+    alpha = float(lora[module + ".alpha"]) if module + ".alpha" in lora else float(rank)
+    return (alpha / rank) * (up.flatten(1) @ down.flatten(1)), module
 
 
 def _denoise(model, inputs: dict, torch):
@@ -117,6 +123,7 @@ def check_lora(checkpoint: str, lora_path: str, te_config: str, inputs_path: str
     not_loaded = [m for m in capture.messages if LORA_NOT_LOADED in m or m.startswith("NOT LOADED")]
 
     file_modules = sorted({_module(k) for k in lora})
+    key_of = {id(v): k for k, v in lora.items()}
     patchers = {"model": new_model, "clip": new_clip.patcher}
     applied_modules: set[str] = set()
     errors = []
@@ -129,7 +136,7 @@ def check_lora(checkpoint: str, lora_path: str, te_config: str, inputs_path: str
             expected = torch.zeros_like(original)
             for patch in patches:
                 adapter, offset = patch[1], patch[3]
-                delta, module = _adapter_delta(lora, sorted(adapter.loaded_keys), torch)
+                delta, module = _adapter_delta(lora, adapter, key_of)
                 applied_modules.add(module)
                 target = expected
                 if offset is not None:

@@ -37,6 +37,7 @@ SEED = 0
 ARCHS = ("sd15", "sdxl", "sd3")
 TIMESTEP = 500.0
 UNET_PREFIX = "model.diffusion_model."
+COMFY_CLIP_VOCAB = 49408
 # Log lines of a consumer that mean part of a file was not used.
 IGNORED_MARKERS = (
     "No LoRA keys associated",
@@ -101,11 +102,26 @@ def comfy_sized_sd3(seed: int = SEED):
 
 
 def interop_bundle(arch: str, seed: int = SEED):
-    """The tiny base model of ``arch`` (the same weights every call)."""
+    """The tiny base model of ``arch`` (the same weights every call), sized for ComfyUI too.
+
+    Its CLIP encoders have 3 layers (``trainer.models.tiny``'s have 2): ComfyUI conditions SDXL and
+    SD3 on the penultimate layer and refuses an encoder with fewer than 3.
+    """
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
     from trainer.config import Arch
-    from trainer.models.tiny import tiny_bundle
+    from trainer.models.tiny import CLIP_G, CLIP_L, _clip, tiny_bundle
 
     bundle = tiny_bundle(Arch(arch), seed=seed)
+    classes = {
+        "sd15": [CLIPTextModel],
+        "sdxl": [CLIPTextModel, CLIPTextModelWithProjection],
+        "sd3": [CLIPTextModelWithProjection, CLIPTextModelWithProjection],
+    }[arch]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 7)
+        for i, (cls, sizes) in enumerate(zip(classes, (CLIP_L, CLIP_G), strict=False)):
+            bundle.text_encoders[i] = _clip(cls, {**sizes, "num_hidden_layers": 3}, bundle.tokenizers[i])
     if arch == "sd3":
         bundle.denoiser = comfy_sized_sd3(seed)
     return bundle
@@ -466,7 +482,6 @@ def comfy_text_encoder_options(bundle) -> dict:
         "num_attention_heads",
         "num_hidden_layers",
         "hidden_act",
-        "vocab_size",
         "max_position_embeddings",
         "projection_dim",
         "eos_token_id",
@@ -479,13 +494,24 @@ def comfy_text_encoder_options(bundle) -> dict:
 
 
 def write_base_checkpoint(arch: str, path: str | Path) -> str:
-    """The tiny base model as one original-layout checkpoint (*Load Checkpoint*); SD3 without T5."""
-    from trainer.models.tiny import save_tiny_checkpoint
+    """The tiny base model as one original-layout checkpoint (*Load Checkpoint*); SD3 without T5.
+
+    ComfyUI's CLIP has a fixed 49408-token embedding, so the tiny vocabularies' embeddings are
+    padded with zero rows (no LoRA touches them, and the text encoders are not run).
+    """
+    from trainer.models.convert import bundle_to_original
+    from trainer.models.files import save_safetensors_atomic
 
     bundle = interop_bundle(arch)
     if arch == "sd3":
         bundle.text_encoders[2] = None
-    return save_tiny_checkpoint(bundle, path, single_file=True)
+    tensors = bundle_to_original(bundle)
+    for key, value in tensors.items():
+        if key.endswith("token_embedding.weight") and value.shape[0] < COMFY_CLIP_VOCAB:
+            pad = value.new_zeros(COMFY_CLIP_VOCAB - value.shape[0], value.shape[1])
+            tensors[key] = torch.cat([value, pad])
+    save_safetensors_atomic(tensors, str(path))
+    return str(path)
 
 
 def diffusers_lora_output(kind: FileKind, path: str) -> torch.Tensor:
