@@ -3,9 +3,9 @@
 Runs under ComfyUI's python (``run_comfy_interop`` launches it, like ``comfy_models.run_comfy``)::
 
     $COMFYUI_PYTHON tests/comfy_interop.py lora --checkpoint ckpt.safetensors --lora l.safetensors \\
-        --te-config te.json --inputs in.safetensors --out report.json
-    $COMFYUI_PYTHON tests/comfy_interop.py full --model unet.safetensors --inputs in.safetensors \\
-        --out report.json
+        --options options.json --inputs in.safetensors --out report.json
+    $COMFYUI_PYTHON tests/comfy_interop.py full --model unet.safetensors --options options.json \\
+        --inputs in.safetensors --out report.json
 
 Everything goes through ComfyUI's own code: ``comfy.sd.load_checkpoint_guess_config`` (*Load
 Checkpoint*), ``comfy.sd.load_lora_for_models`` (*Load LoRA*), ``comfy.sd.load_diffusion_model``
@@ -13,8 +13,9 @@ Checkpoint*), ``comfy.sd.load_lora_for_models`` (*Load LoRA*), ``comfy.sd.load_d
 make tiny models loadable, both through ComfyUI's own extension points:
 
 - ComfyUI recognises a UNet by its real sizes (``supported_models.SD15.unet_config`` pins
-  ``model_channels: 320``...), so a subclass of ``SD15``/``SDXL`` matching the tiny file's sizes is
-  put first in ``comfy.supported_models.models``. Key maps, patching and the model classes stay
+  ``model_channels: 320``...) and assumes its attention heads (``unet_extra_config``), so a
+  subclass of ``SD15``/``SDXL`` matching the tiny file's sizes and heads is put first in
+  ``comfy.supported_models.models``. Key maps, patching and the model classes stay
   ComfyUI's. SD3 needs none: its detection reads the depth from the file.
 - Text encoders take their sizes from ``te_model_options["clip_l_model_config"]`` /
   ``["clip_g_model_config"]``, ComfyUI's own override of its CLIP JSON configs.
@@ -46,7 +47,7 @@ _MODULE_SUFFIXES = (
 _FULL_MARKERS = ("unet missing", "unet unexpected", "left over keys")
 
 
-def _register_tiny_unets(comfy, sd: dict, prefix: str) -> None:
+def _register_tiny_unets(comfy, sd: dict, prefix: str, extra: dict | None) -> None:
     """Put SD15/SDXL subclasses matching this file's (tiny) UNet sizes first in ComfyUI's model list."""
     import comfy.supported_models as sm
 
@@ -60,7 +61,8 @@ def _register_tiny_unets(comfy, sd: dict, prefix: str) -> None:
         "use_temporal_attention": False,
     }
     base = sm.SDXL if config.get("adm_in_channels") else sm.SD15
-    tiny = type(f"Tiny{base.__name__}", (base,), {"unet_config": match})
+    body = {"unet_config": match, "unet_extra_config": {**base.unet_extra_config, **(extra or {})}}
+    tiny = type(f"Tiny{base.__name__}", (base,), body)
     sm.models.insert(0, tiny)
 
 
@@ -95,14 +97,15 @@ def _denoise(model, inputs: dict, torch):
         return model.model.diffusion_model(inputs["x"], inputs["timesteps"], **kwargs).float()
 
 
-def check_lora(checkpoint: str, lora_path: str, te_config: str, inputs_path: str, out: str) -> dict:
+def check_lora(checkpoint: str, lora_path: str, options_path: str, inputs_path: str, out: str) -> dict:
     comfy = _import_comfy()
     import torch
     from safetensors.torch import load_file, save_file
 
+    options = json.loads(Path(options_path).read_text(encoding="utf-8"))
     sd = comfy.utils.load_torch_file(checkpoint)
-    _register_tiny_unets(comfy, sd, "model.diffusion_model.")
-    te_options = json.loads(Path(te_config).read_text(encoding="utf-8"))
+    _register_tiny_unets(comfy, sd, "model.diffusion_model.", options["unet_extra_config"])
+    te_options = options["te_model_options"]
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
         checkpoint, output_vae=False, te_model_options={"dtype": torch.float32, **te_options}
     )
@@ -166,13 +169,14 @@ def check_lora(checkpoint: str, lora_path: str, te_config: str, inputs_path: str
     return report
 
 
-def check_full(model_path: str, inputs_path: str, out: str) -> dict:
+def check_full(model_path: str, options_path: str, inputs_path: str, out: str) -> dict:
     comfy = _import_comfy()
     import torch
     from safetensors.torch import load_file, save_file
 
+    options = json.loads(Path(options_path).read_text(encoding="utf-8"))
     sd = comfy.utils.load_torch_file(model_path)
-    _register_tiny_unets(comfy, sd, "")
+    _register_tiny_unets(comfy, sd, "", options["unet_extra_config"])
     capture = _Capture()
     root = logging.getLogger()
     level = root.level
@@ -212,19 +216,20 @@ def _main(argv: list[str]) -> int:
     lo = sub.add_parser("lora", help="Load Checkpoint + Load LoRA, measure every patch")
     lo.add_argument("--checkpoint", required=True)
     lo.add_argument("--lora", required=True)
-    lo.add_argument("--te-config", required=True)
+    lo.add_argument("--options", required=True, help="JSON: te_model_options, unet_extra_config")
     lo.add_argument("--inputs", required=True)
     lo.add_argument("--out", required=True)
     fu = sub.add_parser("full", help="Load Diffusion Model, run the denoiser once")
     fu.add_argument("--model", required=True)
+    fu.add_argument("--options", required=True, help="JSON: unet_extra_config")
     fu.add_argument("--inputs", required=True)
     fu.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "lora":
-        report = check_lora(args.checkpoint, args.lora, args.te_config, args.inputs, args.out)
+        report = check_lora(args.checkpoint, args.lora, args.options, args.inputs, args.out)
     else:
-        report = check_full(args.model, args.inputs, args.out)
+        report = check_full(args.model, args.options, args.inputs, args.out)
     print(json.dumps({k: v for k, v in report.items() if not isinstance(v, list)}))
     return 0
 

@@ -474,8 +474,12 @@ def comfy_inputs(bundle) -> dict:
     return out
 
 
-def comfy_text_encoder_options(bundle) -> dict:
-    """``te_model_options`` giving ComfyUI's CLIP-L / CLIP-G the tiny encoders' sizes."""
+def comfy_options(bundle) -> dict:
+    """What ComfyUI needs to build the tiny model: its sizes are not all in the weights.
+
+    ``te_model_options`` gives ComfyUI's CLIP-L / CLIP-G the tiny encoders' sizes; ``unet_extra_config``
+    the UNet's attention heads (ComfyUI assumes SD1.5's 8 heads / SDXL's 64 channels a head).
+    """
     keys = (
         "hidden_size",
         "intermediate_size",
@@ -486,10 +490,24 @@ def comfy_text_encoder_options(bundle) -> dict:
         "projection_dim",
         "eos_token_id",
     )
-    out = {}
-    for name, te in zip(("clip_l", "clip_g"), bundle.text_encoders, strict=False):
-        if te is not None:
-            out[f"{name}_model_config"] = {k: getattr(te.config, k) for k in keys}
+    te = {}
+    for name, encoder in zip(("clip_l", "clip_g"), bundle.text_encoders, strict=False):
+        if encoder is not None:
+            te[f"{name}_model_config"] = {k: getattr(encoder.config, k) for k in keys}
+    out = {"te_model_options": te, "unet_extra_config": None}
+    if bundle.arch.value != "sd3":
+        cfg = bundle.denoiser.config
+        heads = cfg.attention_head_dim  # diffusers' UNets name the head count so
+        if isinstance(heads, int):
+            out["unet_extra_config"] = {"num_heads": heads, "num_head_channels": -1}
+        else:
+            channels = {
+                c // h
+                for c, h, kind in zip(cfg.block_out_channels, heads, cfg.down_block_types, strict=True)
+                if kind.startswith("CrossAttn")
+            }
+            (per_head,) = channels  # ComfyUI has one channels-a-head for the whole UNet
+            out["unet_extra_config"] = {"num_heads": -1, "num_head_channels": per_head}
     return out
 
 

@@ -32,7 +32,7 @@ from comfy_models import comfy_python
 from interop_files import (
     KINDS,
     comfy_inputs,
-    comfy_text_encoder_options,
+    comfy_options,
     diffusers_lora_output,
     fixed_inputs,
     full_model_output,
@@ -88,19 +88,19 @@ def test_comfyui_loads_the_file_exactly(kind, tmp_path):
     inputs = tmp_path / "inputs.safetensors"
     save_file({k: v.contiguous() for k, v in comfy_inputs(bundle).items()}, str(inputs))
     report_path = tmp_path / "comfy.json"
+    options = tmp_path / "options.json"
+    options.write_text(json.dumps(comfy_options(bundle)), encoding="utf-8")
 
     if kind.method == "lora":
         checkpoint = write_base_checkpoint(kind.arch, tmp_path / "base.safetensors")
-        te_config = tmp_path / "te.json"
-        te_config.write_text(json.dumps(comfy_text_encoder_options(bundle)), encoding="utf-8")
         _run_comfy_interop(
             "lora",
             "--checkpoint",
             checkpoint,
             "--lora",
             ours["path"],
-            "--te-config",
-            str(te_config),
+            "--options",
+            str(options),
             "--inputs",
             str(inputs),
             "--out",
@@ -119,7 +119,15 @@ def test_comfyui_loads_the_file_exactly(kind, tmp_path):
         agreement = _relative(theirs, diffusers_lora_output(kind, ours["path"]))
     else:
         _run_comfy_interop(
-            "full", "--model", ours["path"], "--inputs", str(inputs), "--out", str(report_path)
+            "full",
+            "--model",
+            ours["path"],
+            "--options",
+            str(options),
+            "--inputs",
+            str(inputs),
+            "--out",
+            str(report_path),
         )
         report = json.loads(report_path.read_text(encoding="utf-8"))
         assert report["class"] == COMFY_CLASS[kind.arch]
