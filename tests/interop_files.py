@@ -550,3 +550,28 @@ def full_model_output(kind: FileKind, trained_path: str) -> torch.Tensor:
     state = {k: v.half().float() for k, v in load_file(trained_path).items()}
     bundle.denoiser.load_state_dict(state)
     return run_denoiser(bundle.denoiser, fixed_inputs(bundle))
+
+
+def legacy_sd3_file(path: str, out: str | Path) -> str:
+    """Rewrite an SD3 LoRA file in the layout earlier versions wrote: ``transformer.*`` with an
+    ``.alpha`` (lora_B without the scale) and the CLIP encoders under kohya ``lora_te1_``/``lora_te2_``."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    old: dict[str, torch.Tensor] = {}
+    heads = {"text_encoder.": "lora_te1_", "text_encoder_2.": "lora_te2_"}
+    for key, value in tensors.items():
+        module, _, entry = key.rpartition(".lora_")
+        rank = tensors[f"{module}.lora_A.weight"].shape[0]
+        if entry == "B.weight":
+            value = (value.float() * (rank / ALPHA)).to(value.dtype)
+        head = next((h for h in heads if module.startswith(h)), None)
+        if head is None:
+            old[f"{module}.lora_{entry}"] = value
+            old[f"{module}.alpha"] = torch.tensor(ALPHA)
+            continue
+        stem = heads[head] + module[len(head) :].replace(".", "_")
+        old[f"{stem}.{'lora_down' if entry == 'A.weight' else 'lora_up'}.weight"] = value
+        old[f"{stem}.alpha"] = torch.tensor(ALPHA)
+    save_file(old, str(out))
+    return str(out)

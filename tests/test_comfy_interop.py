@@ -37,6 +37,7 @@ from interop_files import (
     fixed_inputs,
     full_model_output,
     interop_bundle,
+    legacy_sd3_file,
     run_denoiser,
     table,
     write_base_checkpoint,
@@ -164,3 +165,45 @@ def test_print_the_table():
     print("relative |ComfyUI − diffusers/ours| denoiser output on one fixed input:")
     for row in rows:
         print(f"  {row['kind']:32} {row['agreement']:.2e}")
+
+
+def test_sd3_files_of_earlier_versions_still_load_in_comfyui(tmp_path):
+    """``transformer.*.alpha`` + ``lora_te1_``/``lora_te2_``: every module applied, the same model."""
+    from safetensors.torch import load_file, save_file
+
+    kind = next(k for k in KINDS if k.arch == "sd3" and k.method == "lora" and k.text_encoders)
+    ours = write_file(kind, tmp_path)
+    assert ours["state"] == "finished", ours["message"]
+    bundle = interop_bundle(kind.arch)
+    inputs = tmp_path / "inputs.safetensors"
+    save_file({k: v.contiguous() for k, v in comfy_inputs(bundle).items()}, str(inputs))
+    options = tmp_path / "options.json"
+    options.write_text(json.dumps(comfy_options(bundle)), encoding="utf-8")
+    checkpoint = write_base_checkpoint(kind.arch, tmp_path / "base.safetensors")
+    outputs, reports = {}, {}
+    for name, lora in (
+        ("new", ours["path"]),
+        ("old", legacy_sd3_file(ours["path"], tmp_path / "old.safetensors")),
+    ):
+        report_path = tmp_path / f"{name}.json"
+        args = [
+            "--checkpoint",
+            checkpoint,
+            "--lora",
+            lora,
+            "--options",
+            str(options),
+            "--inputs",
+            str(inputs),
+        ]
+        _run_comfy_interop("lora", *args, "--out", str(report_path))
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        assert report["not_loaded"] == [] and report["not_applied"] == []
+        assert report["applied"] == report["modules"]
+        assert report["max_delta_error"] <= MAX_DELTA_ERROR
+        outputs[name] = load_file(report["output"])["out"]
+        reports[name] = report
+    # 21 transformer modules and 2 CLIPs x 3 layers x 6 projections, in both layouts.
+    assert reports["old"]["modules"] == reports["new"]["modules"] == 21 + 36
+    assert reports["old"]["patches"] == reports["new"]["patches"] == {"model": 21, "clip": 36}
+    assert _relative(outputs["old"], outputs["new"]) <= 1e-6
