@@ -1,4 +1,5 @@
-"""Every kind of file the pack writes, made by our trainer, and what diffusers makes of each.
+"""Every kind of file the pack writes, made by our trainer; what diffusers makes of each; and the
+inputs ComfyUI's side (``comfy_interop.py``) needs.
 
 The interop suite (``test_interop_diffusers.py`` in CI, ``test_comfy_interop.py`` on a real
 ComfyUI) asks each consumer to load each kind of file and measures, per file kind x consumer:
@@ -9,15 +10,17 @@ ComfyUI) asks each consumer to load each kind of file and measures, per file kin
   keys associated ...", ComfyUI's "lora key not loaded");
 - **max delta error**: max |ΔW - (alpha/rank)·up·down| over every module, computed from the file's
   own tensors (full files: max |W_loaded - W_file|);
-- whether the denoiser's output changed.
+- **output Δ**: how far the denoiser's output on one fixed input moved from the base model's.
 
 Files come from real (tiny, two-step, CPU) training runs of ``trainer.engine.loop.train`` on the
 tiny models of ``trainer.models.tiny``, rank 8 / alpha 4 (so the scale alpha/rank = 0.5 matters),
 targets ``attention+ff+conv`` (SD3 has no convolutions: ``attention+ff``). SD3's transformer is
 made ComfyUI-sized: ComfyUI derives an MMDiT's width from its depth (64 per block), so a 2-block
-one is 128 wide with 2 heads of 64 (``trainer.models.tiny``'s is 32 wide).
+one is 128 wide with 2 heads of 64 (``trainer.models.tiny``'s is 32 wide); the CLIP encoders get
+3 layers (see :func:`interop_bundle`).
 
 Everything here runs under the pack's python (torch, diffusers, peft); nothing imports ComfyUI.
+Run ``test_interop_diffusers.py`` / ``test_comfy_interop.py`` with ``-s`` to print the table.
 """
 
 from __future__ import annotations
