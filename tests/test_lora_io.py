@@ -19,15 +19,18 @@ from trainer.lora import (
     load_lora,
     lora_layers,
     lora_state_dict,
+    part_state_dict,
+    peft_to_kohya,
     read_lora,
     save_lora,
     target_modules,
 )
+from trainer.lora.keys import peft_to_prefixed
 
 PREFIXES = {
     Arch.SD15: ["lora_unet_", "lora_te_"],
     Arch.SDXL: ["lora_unet_", "lora_te1_", "lora_te2_"],
-    Arch.SD3: ["transformer.", "lora_te1_", "lora_te2_", "lora_te3_"],
+    Arch.SD3: ["transformer.", "text_encoder.", "text_encoder_2.", "lora_te3_"],
 }
 
 
@@ -76,20 +79,14 @@ def test_every_saved_key_maps_to_a_lora_layer_and_covers_all(arch):
         )
         modules.setdefault(module, set()).add(entry)
     assert set(modules) == _expected_modules(arch, denoiser, encoders)
-    style = {"A.weight", "B.weight", "alpha"} if arch is Arch.SD3 else {"down.weight", "up.weight", "alpha"}
+    # SD3: peft names with alpha/rank folded into lora_B (no .alpha); T5 keeps kohya names.
     for module, entries in modules.items():
-        if module.startswith("transformer."):
-            assert entries == style
+        if arch is Arch.SD3 and not module.startswith("lora_"):
+            assert entries == {"A.weight", "B.weight"}
+        elif arch is Arch.SD3:
+            assert entries == {"down.weight", "up.weight"}
         else:
             assert entries == {"down.weight", "up.weight", "alpha"}
-    assert {key.split("_", 2)[1] if key.startswith("lora_") else "transformer" for key in tensors} <= {
-        "unet",
-        "te",
-        "te1",
-        "te2",
-        "te3",
-        "transformer",
-    }
 
 
 def test_sd15_key_names_shapes_and_dtypes():
@@ -118,12 +115,17 @@ def test_sdxl_and_sd3_text_encoder_prefixes():
     assert "lora_te2_text_model_encoder_layers_1_self_attn_out_proj.lora_up.weight" in sdxl
     assert "lora_unet_up_blocks_0_attentions_1_transformer_blocks_1_attn2_to_k.alpha" in sdxl
 
-    sd3 = lora_state_dict(*_train(Arch.SD3, preset="attention"), Arch.SD3)
-    assert sd3["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"].shape == (4, 16)
-    assert sd3["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"].shape == (16, 4)
-    assert sd3["transformer.transformer_blocks.0.attn.to_q.alpha"].item() == 2.0
+    denoiser, encoders = _train(Arch.SD3, preset="attention")
+    sd3 = lora_state_dict(denoiser, encoders, Arch.SD3, dtype=torch.float32)
+    q = "transformer.transformer_blocks.0.attn.to_q"
+    assert sd3[f"{q}.lora_A.weight"].shape == (4, 16)
+    # lora_B carries alpha/rank = 2/4: diffusers' SD3 loader refuses .alpha keys.
+    trained_b = lora_layers(denoiser)["transformer_blocks.0.attn.to_q"].lora_B["default"].weight
+    assert torch.equal(sd3[f"{q}.lora_B.weight"], trained_b * 0.5)
+    assert not [k for k in sd3 if k.endswith(".alpha")]
     assert "transformer.transformer_blocks.0.attn.to_add_out.lora_A.weight" in sd3
-    assert "lora_te1_text_model_encoder_layers_0_self_attn_k_proj.alpha" in sd3
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.k_proj.lora_A.weight" in sd3
+    assert "text_encoder_2.text_model.encoder.layers.1.self_attn.out_proj.lora_B.weight" in sd3
     assert "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight" in sd3
 
 
@@ -143,10 +145,34 @@ def test_a_saved_file_reproduces_the_trained_model_in_a_fresh_one(arch, tmp_path
     torch.testing.assert_close(denoise(arch, fresh_denoiser), denoise(arch, denoiser), atol=1e-5, rtol=0)
     for fresh, trained in zip(fresh_encoders, encoders, strict=True):
         torch.testing.assert_close(encode(fresh), encode(trained), atol=1e-5, rtol=0)
-    assert report.ranks == [4] and report.alphas == [3.0]
+    # SD3 files hold alpha/rank inside lora_B, so they load at scale 1 (alpha = rank): the same update.
+    assert report.ranks == [4] and report.alphas == ([4.0] if arch is Arch.SD3 else [3.0])
     assert report.modules["denoiser"] == len(lora_layers(denoiser))
     assert report.injected == ["denoiser"] + [f"text_encoder[{i}]" for i in range(len(encoders))]
     assert report.metadata["ss_network_dim"] == "4"
+
+
+def test_sd3_files_of_earlier_versions_still_load(tmp_path):
+    """transformer.*.alpha + kohya lora_te1_/lora_te2_ text encoders: what versions before the
+    diffusers-compatible layout wrote (ComfyUI loads them too)."""
+    denoiser, encoders = _train(Arch.SD3, preset="attention", alpha=3.0)
+    old = peft_to_prefixed(part_state_dict(denoiser, part="denoiser"), prefix="transformer.")
+    for prefix, te in zip(("lora_te1_", "lora_te2_", "lora_te3_"), encoders, strict=True):
+        old |= peft_to_kohya(part_state_dict(te, part="text_encoder"), prefix=prefix)
+    path = save_lora(tmp_path / "old.safetensors", old)
+
+    fresh_denoiser, fresh_encoders = tiny_model(Arch.SD3)
+    report = load_lora(path, fresh_denoiser, fresh_encoders, Arch.SD3)
+    assert report.alphas == [3.0] and report.skipped == []
+    assert report.modules == {
+        "denoiser": len(lora_layers(denoiser)),
+        **{f"text_encoder[{i}]": len(lora_layers(te)) for i, te in enumerate(encoders)},
+    }
+    torch.testing.assert_close(
+        denoise(Arch.SD3, fresh_denoiser), denoise(Arch.SD3, denoiser), atol=1e-5, rtol=0
+    )
+    for fresh, trained in zip(fresh_encoders, encoders, strict=True):
+        torch.testing.assert_close(encode(fresh), encode(trained), atol=1e-5, rtol=0)
 
 
 def test_loading_into_a_model_prepared_for_resume_replaces_its_weights(tmp_path):

@@ -7,7 +7,7 @@ import torch
 
 from trainer.config import Arch
 from trainer.lora import KeyStyle, canonical_module_name, file_layout, kohya_to_peft, peft_to_kohya
-from trainer.lora.keys import from_file_keys, split_key, to_file_keys
+from trainer.lora.keys import folds_scale, from_file_keys, legacy_layouts, split_key, to_file_keys
 
 MODULE = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 
@@ -66,12 +66,19 @@ def test_layouts_per_arch():
         ("text_encoder[0]", "lora_te1_", KeyStyle.KOHYA),
         ("text_encoder[1]", "lora_te2_", KeyStyle.KOHYA),
     ]
+    # SD3: the names diffusers' SD3 loader reads as they are (it converts nothing) and ComfyUI maps.
     assert summary(Arch.SD3) == [
         ("denoiser", "transformer.", KeyStyle.PEFT),
-        ("text_encoder[0]", "lora_te1_", KeyStyle.KOHYA),
-        ("text_encoder[1]", "lora_te2_", KeyStyle.KOHYA),
+        ("text_encoder[0]", "text_encoder.", KeyStyle.PEFT),
+        ("text_encoder[1]", "text_encoder_2.", KeyStyle.PEFT),
         ("text_encoder[2]", "lora_te3_", KeyStyle.KOHYA),
     ]
+    assert [(lay.label, lay.prefix) for lay in legacy_layouts(Arch.SD3)] == [
+        ("text_encoder[0]", "lora_te1_"),
+        ("text_encoder[1]", "lora_te2_"),
+    ]
+    assert legacy_layouts(Arch.SDXL) == ()
+    assert [folds_scale(a) for a in (Arch.SD15, Arch.SDXL, Arch.SD3)] == [False, False, True]
     with pytest.raises(ValueError, match="arch: 'auto' has no LoRA file layout; use one of sd15, sdxl, sd3"):
         file_layout(Arch.AUTO)
 

@@ -2,7 +2,7 @@
 
 - :mod:`.targets`  -- ``lora_targets`` presets -> exact module names.
 - :mod:`.inject`   -- add / remove / merge LoRA layers (fp32 weights, seeded init).
-- :mod:`.keys`     -- file key names per arch (kohya ``lora_unet_``/``lora_te*_``, SD3 ``transformer.``).
+- :mod:`.keys`     -- file key names per arch (kohya ``lora_unet_``/``lora_te*_``; SD3 diffusers names, scale folded).
 - :mod:`.io`       -- collect, save (atomic safetensors) and load LoRA files.
 - :mod:`.metadata` -- kohya ``ss_*`` and ``modelspec.*`` metadata.
 """
@@ -23,8 +23,10 @@ from .keys import (
     PartLayout,
     canonical_module_name,
     file_layout,
+    folds_scale,
     from_file_keys,
     kohya_to_peft,
+    legacy_layouts,
     peft_to_kohya,
     to_file_keys,
 )
@@ -41,10 +43,12 @@ __all__ = [
     "canonical_module_name",
     "file_layout",
     "file_sha256",
+    "folds_scale",
     "from_file_keys",
     "inject_lora",
     "kohya_metadata",
     "kohya_to_peft",
+    "legacy_layouts",
     "legacy_model_hash",
     "load_lora",
     "lora_layers",

@@ -1,7 +1,9 @@
 """LoRA files: collect the trained weights, write them atomically, read them back into a model.
 
-Files are ``.safetensors`` named the way stock ComfyUI's *Load LoRA* applies them in full (see
-:mod:`trainer.lora.keys`), with an ``.alpha`` for every module (without it loaders use scale 1.0).
+Files are ``.safetensors`` named the way stock ComfyUI's *Load LoRA* and diffusers'
+``load_lora_weights`` apply them in full (see :mod:`trainer.lora.keys`): with an ``.alpha`` for
+every module (without it loaders use scale 1.0), or, for SD3, with alpha/rank multiplied into
+``lora_B`` and no ``.alpha``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from .keys import (
     PartLayout,
     canonical_module_name,
     file_layout,
+    folds_scale,
     from_file_keys,
+    legacy_layouts,
     split_key,
     to_file_keys,
 )
@@ -104,6 +108,15 @@ def _parts(
     return out
 
 
+def _layout_in_file(layout: PartLayout, arch: Arch | str, tensors: Mapping[str, Tensor]) -> PartLayout:
+    """The layout a file uses for ``layout``'s part: today's, or one an earlier version wrote."""
+    for candidate in (layout, *legacy_layouts(arch)):
+        same_part = (candidate.part, candidate.index) == (layout.part, layout.index)
+        if same_part and any(k.startswith(candidate.prefix) for k in tensors):
+            return candidate
+    return layout
+
+
 def _canonical_names(module: nn.Module, part: str, names: Sequence[str]) -> dict[str, str]:
     """actual name -> canonical name, refusing two layers that a file could not tell apart."""
     mapping: dict[str, str] = {}
@@ -159,7 +172,8 @@ def lora_state_dict(
         adapter_name: the peft adapter to save.
 
     Returns:
-        File keys -> contiguous CPU tensors, an ``.alpha`` for every module.
+        File keys -> contiguous CPU tensors: an ``.alpha`` for every module, or (SD3, see
+        :func:`~trainer.lora.keys.folds_scale`) lora_B multiplied by alpha/rank and no ``.alpha``.
 
     Raises:
         ValueError: no LoRA in the model, an alpha mismatch, a bad dtype, or a weight that is NaN/inf
@@ -181,6 +195,9 @@ def lora_state_dict(
                         f"alpha: {alpha} was asked for but {layout.label} layer {module_name!r} applies alpha {applied}"
                     )
                 continue
+            if entry == LORA_B and folds_scale(arch):
+                # lora_B is (out, rank[, 1, 1]); folding in fp32 keeps the product exact before rounding.
+                tensor = tensor * (float(peft_sd[f"{module_name}.{ALPHA}"]) / tensor.shape[1])
             converted = tensor.to(dtype)
             if not torch.isfinite(converted).all():
                 raise ValueError(
@@ -188,6 +205,8 @@ def lora_state_dict(
                     "the run diverged (lower the learning rate) or the values overflow fp16 (save as float32)"
                 )
             peft_sd[key] = converted.contiguous()
+        if folds_scale(arch):
+            peft_sd = {k: v for k, v in peft_sd.items() if split_key(k)[1] != ALPHA}
         out.update(to_file_keys(peft_sd, layout))
     if not out:
         raise ValueError(f"the model has no LoRA adapter {adapter_name!r}; call add_lora() before saving")
@@ -413,7 +432,9 @@ def load_lora(
 
     A part without LoRA layers gets them (rank and alpha per layer from the file); a part that has
     them (e.g. set up by :func:`~trainer.lora.inject.add_lora` for a resume) gets its weights and
-    alphas replaced. Everything is checked before the model is touched.
+    alphas replaced. Everything is checked before the model is touched. A module without ``.alpha``
+    (SD3 files, whose lora_B holds alpha/rank already) gets alpha = rank: the same update. Files of
+    earlier versions load too (SD3 text encoders under ``lora_te1_``/``lora_te2_``, with alphas).
 
     Args:
         path: the ``.safetensors`` file.
@@ -439,6 +460,7 @@ def load_lora(
     for layout, module in _parts(arch, denoiser, text_encoders):
         if module is None:
             continue
+        layout = _layout_in_file(layout, arch, tensors)
         plan, part_unmatched = _plan_part(
             path, layout, module, tensors, adapter_name=adapter_name, strict=strict
         )

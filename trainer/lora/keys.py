@@ -6,14 +6,21 @@ Inside the trainer a LoRA is a "peft-style" dict keyed by module path::
     down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight   (out, rank[, 1, 1])
     down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.alpha           0-d float
 
-Files use the names ComfyUI's LoRA loader applies in full (measured, see REAL_HOST.md):
+Files use the names that both stock ComfyUI's *Load LoRA* and diffusers' ``load_lora_weights``
+apply in full (read from both loaders and measured by ``tests/test_interop_*.py``):
 
 - SD1.5 / SDXL: kohya names, ``lora_unet_`` / ``lora_te_`` (``lora_te1_``, ``lora_te2_`` for SDXL)
   followed by the module path with ``.`` replaced by ``_``, and ``.lora_down.weight`` (= lora_A),
-  ``.lora_up.weight`` (= lora_B), ``.alpha``. Raw peft names would lose every UNet attention layer.
-- SD3: the transformer keeps diffusers/peft names behind ``transformer.`` (``.lora_A.weight``,
-  ``.lora_B.weight``, ``.alpha``), which ComfyUI maps onto its fused qkv; the text encoders use
-  kohya names ``lora_te1_`` (CLIP-L), ``lora_te2_`` (CLIP-G) and ``lora_te3_`` (T5).
+  ``.lora_up.weight`` (= lora_B), ``.alpha``. Raw peft names would lose every UNet attention layer
+  in ComfyUI; diffusers converts kohya names itself, alphas included.
+- SD3: diffusers/peft names, ``transformer.`` (ComfyUI maps to_q/k/v onto its fused qkv),
+  ``text_encoder.`` (CLIP-L) and ``text_encoder_2.`` (CLIP-G), with ``.lora_A.weight`` /
+  ``.lora_B.weight`` and **no** ``.alpha``: diffusers' SD3 loader converts nothing and refuses any
+  key without "lora" in it, so the scale alpha/rank is multiplied into ``lora_B`` ("folded"), and
+  every loader (which applies scale 1.0 without an alpha) applies exactly the trained update. T5
+  is never trained (diffusers cannot load a T5 LoRA); it keeps ComfyUI's kohya name ``lora_te3_``.
+  Files of earlier versions (``transformer.*.alpha``, ``lora_te1_``/``lora_te2_`` text encoders)
+  are still read: see :func:`legacy_layouts`.
 
 Conv layers need no reshaping: peft's lora_A is the k x k conv and lora_B the 1 x 1 conv, exactly
 kohya's lora_down / lora_up.
@@ -76,11 +83,21 @@ _LAYOUTS: dict[Arch, tuple[PartLayout, ...]] = {
     ),
     Arch.SD3: (
         PartLayout("denoiser", 0, "transformer.", KeyStyle.PEFT),
-        PartLayout("text_encoder", 0, "lora_te1_", KeyStyle.KOHYA),
-        PartLayout("text_encoder", 1, "lora_te2_", KeyStyle.KOHYA),
+        PartLayout("text_encoder", 0, "text_encoder.", KeyStyle.PEFT),
+        PartLayout("text_encoder", 1, "text_encoder_2.", KeyStyle.PEFT),
         PartLayout("text_encoder", 2, "lora_te3_", KeyStyle.KOHYA),
     ),
 }
+# Layouts written by earlier versions, still read (and still loaded by ComfyUI): the SD3 text
+# encoders under kohya names, with an .alpha per module.
+_LEGACY: dict[Arch, tuple[PartLayout, ...]] = {
+    Arch.SD3: (
+        PartLayout("text_encoder", 0, "lora_te1_", KeyStyle.KOHYA),
+        PartLayout("text_encoder", 1, "lora_te2_", KeyStyle.KOHYA),
+    ),
+}
+# Archs whose files carry alpha/rank multiplied into lora_B and no .alpha key (see the module doc).
+_FOLDED: frozenset[Arch] = frozenset({Arch.SD3})
 
 
 def file_layout(arch: Arch | str) -> tuple[PartLayout, ...]:
@@ -95,6 +112,16 @@ def file_layout(arch: Arch | str) -> tuple[PartLayout, ...]:
             f"arch: {arch.value!r} has no LoRA file layout; use one of {', '.join(a.value for a in _LAYOUTS)}"
         )
     return _LAYOUTS[arch]
+
+
+def legacy_layouts(arch: Arch | str) -> tuple[PartLayout, ...]:
+    """Other names earlier versions wrote a part of an ``arch`` file under (read, never written)."""
+    return _LEGACY.get(Arch(arch), ())
+
+
+def folds_scale(arch: Arch | str) -> bool:
+    """Whether ``arch`` files hold lora_B already multiplied by alpha/rank, with no ``.alpha`` keys."""
+    return Arch(arch) in _FOLDED
 
 
 def canonical_module_name(name: str, *, part: str) -> str:
