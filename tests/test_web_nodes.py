@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
-import workflow_sync as ws
 from comfy_server import ComfyClient, comfy_fixture  # noqa: F401  (the `comfy` fixture)
 from PIL import Image
 from test_web_panel import Browser, browser, chromium  # noqa: F401  (fixtures)
@@ -72,8 +70,8 @@ ADD_NODE = """([type, x, y]) => {
 }"""
 
 
-def _ready(browser: Browser) -> None:
-    browser.page.wait_for_function(READY, timeout=90_000)
+def _ready(b: Browser) -> None:
+    b.page.wait_for_function(READY, timeout=90_000)
 
 
 def _fresh_canvas(page) -> None:
@@ -94,9 +92,9 @@ def _measure(page, node_id: int) -> dict:
     return page.evaluate(f"(id) => ({MEASURE})(app.graph.getNodeById(id))", node_id)
 
 
-def _node_sizes(browser: Browser, comfy: ComfyClient, tmp_path: Path) -> dict[str, dict]:
+def _node_sizes(b: Browser, comfy: ComfyClient, tmp_path: Path) -> dict[str, dict]:
     """Add every node of the pack to an empty canvas, one at a time; measure and screenshot it."""
-    page = browser.page
+    page = b.page
     types = sorted(n for n in comfy.object_info() if n.startswith("Finetune"))
     assert len(types) >= 14
     sizes = {}
@@ -137,7 +135,11 @@ def _write_sizes(sizes: dict, tmp_path: Path) -> None:
         print(f"{node_type:32s} {s['height']:5d} px {len(s['shown']):3d} / {s['widgets']:3d} widgets")
 
 
-def test_fresh_nodes_are_compact_and_reach_every_widget(browser: Browser, comfy: ComfyClient, tmp_path: Path):
+def test_fresh_nodes_are_compact_and_reach_every_widget(
+    browser: Browser,  # noqa: F811  (the fixture imported above)
+    comfy: ComfyClient,
+    tmp_path: Path,
+):
     _ready(browser)
     sizes = _node_sizes(browser, comfy, tmp_path)
     _write_sizes(sizes, tmp_path)
