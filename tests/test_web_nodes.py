@@ -18,10 +18,13 @@ Run: ``COMFYUI_PATH=/path/to/ComfyUI python -m pytest -q tests/test_web_nodes.py
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
+import workflow_sync as ws
 from comfy_server import ComfyClient, comfy_fixture  # noqa: F401  (the `comfy` fixture)
 from PIL import Image
 from test_web_panel import Browser, browser, chromium  # noqa: F401  (fixtures)
@@ -165,4 +168,228 @@ def test_fresh_nodes_are_compact_and_reach_every_widget(
     assert sizes["FinetuneDatasetPreview"]["seed_controls"] == {"seed": "fixed"}
     assert sizes["FinetuneSaveDataset"]["seed_controls"] == {"seed": "fixed"}
     assert sizes["FinetuneCheckpointSweep"]["seed_controls"] == {"seed": "fixed"}
+    assert browser.errors == []
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Shipped workflows load with their values; queuing twice makes one run
+
+LOAD = """async (graph) => {
+    await app.loadGraphData(graph, true, true, null, {skipAssetScans: true, silentAssetErrors: true});
+    return Object.fromEntries(app.graph.nodes.map((n) => [n.id, n.serialize().widgets_values ?? null]));
+}"""
+SET_WIDGETS = """([id, values]) => {
+    const node = app.graph.getNodeById(id);
+    for (const [name, value] of Object.entries(values)) {
+        const widget = node.widgets.find((w) => w.name === name);
+        if (!widget) throw new Error(`node ${id} has no widget ${name}`);
+        widget.value = value;
+    }
+}"""
+
+
+@pytest.fixture(scope="module")
+def models(comfy: ComfyClient) -> dict[str, str]:
+    """Tiny diffusers models the Train nodes can load (the shipped file names are not on this
+    machine) and the shipped workflows' dataset folder; {arch: model name}."""
+    # Imported here: diffusers is slow to import, and the size test does not need it.
+    from train_helpers import make_images
+
+    from trainer.config import Arch
+    from trainer.models.tiny import save_tiny_checkpoint, tiny_bundle
+
+    arches = {"sd15": Arch.SD15, "sdxl": Arch.SDXL, "sd3": Arch.SD3}
+    for key, name in TINY_MODEL.items():
+        folder = comfy.base_dir / "models" / "diffusers" / name
+        if not (folder / "model_index.json").exists():
+            save_tiny_checkpoint(tiny_bundle(arches[key], seed=0), folder, single_file=False)
+    if not (comfy.input_dir / DATASET).exists():
+        make_images(comfy.input_dir / DATASET, [(64, 64)] * 3)
+    return dict(TINY_MODEL)
+
+
+def _reload(b: Browser) -> None:
+    """Reload the page so the node definitions list files written after it loaded."""
+    b.page.reload(wait_until="load")
+    _ready(b)
+
+
+def _run_button_queue(b: Browser, comfy: ComfyClient) -> dict:
+    """Click the frontend's Run button; wait for the prompt it posts to finish. Returns its history."""
+    page = b.page
+    with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as posted:
+        page.click('[data-testid="queue-button"]')
+    response = posted.value
+    assert response.status == 200, response.text()
+    prompt_id = response.json()["prompt_id"]
+    deadline = time.monotonic() + QUEUE_WAIT_S
+    while not (history := comfy.history(prompt_id)).get("status", {}).get("completed"):
+        assert time.monotonic() < deadline, f"prompt {prompt_id} did not finish: {history}"
+        time.sleep(0.5)
+    return history
+
+
+def _run_names(comfy: ComfyClient) -> set[str]:
+    return {r["name"] for r in comfy.get_json("/finetune/runs")["runs"]}
+
+
+def _queue_twice_makes_one_run(b: Browser, comfy: ComfyClient, train_id: int, run: str) -> list[str]:
+    """Queue the loaded graph twice with the Run button; returns the Train node's two messages."""
+    before = _run_names(comfy)
+    messages = []
+    for _ in range(2):
+        history = _run_button_queue(b, comfy)
+        assert history["status"]["status_str"] == "success", history["status"]
+        messages.append(history["outputs"][str(train_id)]["text"][0])
+    assert _run_names(comfy) - before == {run}
+    return messages
+
+
+@pytest.mark.parametrize("name", ws.workflow_names())
+def test_shipped_workflow_loads_with_its_values_and_is_compact(
+    browser: Browser,  # noqa: F811
+    name: str,
+):
+    _ready(browser)
+    workflow = ws.read_json(ws.WORKFLOWS_DIR / f"{name}.json")
+    loaded = browser.page.evaluate(LOAD, workflow)
+    for node in workflow["nodes"]:
+        if "widgets_values" in node:
+            assert loaded[str(node["id"])] == node["widgets_values"], (name, node["id"], node["type"])
+    for node in workflow["nodes"]:
+        if node["type"] in TRAIN_NODES:
+            size = _measure(browser.page, node["id"])
+            assert len(size["shown"]) <= MAX_WIDGETS and size["height"] <= MAX_HEIGHT, size
+    assert browser.errors == []
+
+
+@pytest.mark.parametrize("name", sorted(TRAIN_WORKFLOWS))
+def test_shipped_training_queued_twice_with_the_run_button_makes_one_run(
+    browser: Browser,  # noqa: F811
+    comfy: ComfyClient,
+    models: dict[str, str],
+    name: str,
+):
+    _reload(browser)
+    workflow = ws.read_json(ws.WORKFLOWS_DIR / f"{name}.json")
+    browser.page.evaluate(LOAD, workflow)
+    (train,) = [n for n in workflow["nodes"] if n["type"] in TRAIN_NODES]
+    run = f"web-{name}"
+    # What a user on this machine changes: the model, the run name and a tiny schedule.
+    tiny = TINY_TRAINING | {
+        "ckpt_name": "(none)",
+        "diffusers_model": models[TRAIN_WORKFLOWS[name]],
+        "run_name": run,
+    }
+    browser.page.evaluate(SET_WIDGETS, [train["id"], tiny])
+    first, second = _queue_twice_makes_one_run(browser, comfy, train["id"], run)
+    assert first.startswith(f"run '{run}': queued")
+    assert re.match(rf"run '{run}': already (queued|running|paused|finished)", second), second
+    assert browser.errors == []
+
+
+def test_fresh_training_graph_queued_twice_with_the_run_button_makes_one_run(
+    browser: Browser,  # noqa: F811
+    comfy: ComfyClient,
+    models: dict[str, str],
+):
+    """A graph built from fresh nodes (default seed control) keeps its run on the second queue."""
+    _reload(browser)
+    page = browser.page
+    _fresh_canvas(page)
+    load = page.evaluate(ADD_NODE, ["FinetuneLoadDataset", 100, 120])
+    train = page.evaluate(ADD_NODE, ["FinetuneTrainLoRA", 450, 120])
+    status = page.evaluate(ADD_NODE, ["FinetuneRunStatus", 900, 120])
+    page.evaluate(
+        """([load, train, status]) => {
+            const node = (id) => app.graph.getNodeById(id);
+            node(load).connect(0, node(train), 0);
+            node(train).connect(0, node(status), 0);
+        }""",
+        [load, train, status],
+    )
+    run = "web-fresh-lora"
+    page.evaluate(SET_WIDGETS, [load, {"folder": DATASET}])
+    tiny = TINY_TRAINING | {"ckpt_name": "(none)", "diffusers_model": models["sd15"], "run_name": run}
+    page.evaluate(SET_WIDGETS, [train, tiny])
+    first, second = _queue_twice_makes_one_run(browser, comfy, train, run)
+    assert first.startswith(f"run '{run}': queued")
+    assert re.match(rf"run '{run}': already (queued|running|paused|finished)", second), second
+    assert browser.errors == []
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Refusals show their message on the node
+
+ERRORS_ON = """(id) => app.graph.getNodeById(id).finetuneErrors ?? []"""
+
+
+def _dataset_train_status(page, folder: str) -> tuple[int, int]:
+    """Load Dataset(folder) -> fresh Train LoRA -> Run Status on an empty canvas; (load, train) ids."""
+    _fresh_canvas(page)
+    load = page.evaluate(ADD_NODE, ["FinetuneLoadDataset", 100, 120])
+    train = page.evaluate(ADD_NODE, ["FinetuneTrainLoRA", 450, 120])
+    status = page.evaluate(ADD_NODE, ["FinetuneRunStatus", 900, 120])
+    page.evaluate(
+        """([load, train, status]) => {
+            const node = (id) => app.graph.getNodeById(id);
+            node(load).connect(0, node(train), 0);
+            node(train).connect(0, node(status), 0);
+        }""",
+        [load, train, status],
+    )
+    page.evaluate(SET_WIDGETS, [load, {"folder": folder}])
+    return load, train
+
+
+def _messages_on(page, node_id: int) -> list[str]:
+    """The messages drawn under the node, once the canvas has drawn them."""
+    page.wait_for_function(f"(id) => ({ERRORS_ON})(id).length > 0", arg=node_id, timeout=QUEUE_WAIT_S * 1000)
+    return page.evaluate(ERRORS_ON, node_id)
+
+
+def _keep_screenshot(page, tmp_path: Path, name: str) -> None:
+    page.screenshot(path=str(tmp_path / name))
+    KEEP.mkdir(exist_ok=True)
+    shutil.copyfile(tmp_path / name, KEEP / name)
+
+
+def test_a_missing_dataset_folder_shows_its_message_on_the_node(
+    browser: Browser,  # noqa: F811
+    comfy: ComfyClient,
+    tmp_path: Path,
+):
+    """/prompt refuses the graph (Load Dataset's validate_inputs); the reason is drawn under the node."""
+    _ready(browser)
+    page = browser.page
+    load, train = _dataset_train_status(page, "no-such-folder")
+    with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as posted:
+        page.click('[data-testid="queue-button"]')
+    assert posted.value.status == 400
+    roots = f"{comfy.input_dir}, {comfy.base_dir / 'datasets'}"
+    assert _messages_on(page, load) == [f"folder: no folder 'no-such-folder' in {roots}"]
+    assert page.evaluate("(id) => app.graph.getNodeById(id).has_errors", load) is True
+    assert page.evaluate(ERRORS_ON, train) == []
+    _keep_screenshot(page, tmp_path, "node_error_dataset.png")
+    assert browser.errors == []
+
+
+def test_a_refused_model_shows_its_message_on_the_train_node(
+    browser: Browser,  # noqa: F811
+    comfy: ComfyClient,
+    models: dict[str, str],
+    tmp_path: Path,
+):
+    """A fresh Train node with no model chosen fails when it runs; the reason is drawn under it."""
+    _reload(browser)
+    page = browser.page
+    _, train = _dataset_train_status(page, DATASET)
+    page.evaluate(SET_WIDGETS, [train, {"run_name": "web-no-model"}])
+    with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as posted:
+        page.click('[data-testid="queue-button"]')
+    assert posted.value.status == 200
+    assert _messages_on(page, train) == [
+        "Train LoRA: ckpt_name is (none): choose a checkpoint to train, or a diffusers_model / unet_name"
+    ]
+    _keep_screenshot(page, tmp_path, "node_error_model.png")
     assert browser.errors == []
