@@ -151,8 +151,11 @@ def test_fresh_nodes_are_compact_and_reach_every_widget(
         assert len(size["shown"]) <= MAX_WIDGETS, (node_type, size["shown"])
         assert size["height"] <= MAX_HEIGHT, (node_type, size["height"])
         assert size["seed_controls"] == {"seed": "fixed"}
-    assert sizes["FinetuneTrainLoRA"]["shown"] == LORA_SHOWN
-    assert sizes["FinetuneTrainFull"]["shown"] == FULL_SHOWN
+    # memory_mode (auto) is shown too once trainer/config.py has it.
+    for node_type, shown in (("FinetuneTrainLoRA", LORA_SHOWN), ("FinetuneTrainFull", FULL_SHOWN)):
+        assert [
+            n for n in sizes[node_type]["shown"] if n not in ("memory_mode", "control_after_generate")
+        ] == shown
     for node_type, size in sizes.items():
         with Image.open(size["screenshot"]) as img:
             assert img.size == (1280, 800)
@@ -393,4 +396,37 @@ def test_a_refused_model_shows_its_message_on_the_train_node(
         "Train LoRA: ckpt_name is (none): choose a checkpoint to train, or a diffusers_model / unet_name"
     ]
     _keep_screenshot(page, tmp_path, "node_error_model.png")
+    assert browser.errors == []
+
+
+def test_error_text_helpers(
+    browser: Browser,  # noqa: F811
+):
+    """node_errors.js as served: ComfyUI's "<input> - " prefix is dropped, long lists are cut, an
+    execution error counts for its node only, and a message shows once."""
+    _ready(browser)
+    result = browser.page.evaluate(
+        """async (base) => {
+            const e = await import(`${base}/node_errors.js`);
+            const custom = {details: "folder - folder: no folder 'x' in /in", extra_info: {input_name: "folder"}};
+            const listed = {message: "Value not in list", details: "ckpt_name: 'a' not in " + "b".repeat(500)};
+            const nodeErrors = {"3": {errors: [custom, custom]}};
+            const executionError = {node_id: "4", exception_message: "Train LoRA: no model\n"};
+            return {
+                custom: e.validationText(custom),
+                listed: e.validationText(listed).length,
+                three: e.errorMessages(3, {nodeErrors, executionError}),
+                four: e.errorMessages("4", {nodeErrors, executionError}),
+                five: e.errorMessages(5, {nodeErrors: null, executionError: null}),
+            };
+        }""",
+        "/extensions/comfyui-finetune",
+    )
+    assert result == {
+        "custom": "folder: no folder 'x' in /in",
+        "listed": 400,
+        "three": ["folder: no folder 'x' in /in"],
+        "four": ["Train LoRA: no model"],
+        "five": [],
+    }
     assert browser.errors == []
