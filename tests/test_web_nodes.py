@@ -153,9 +153,7 @@ def test_fresh_nodes_are_compact_and_reach_every_widget(
         assert size["seed_controls"] == {"seed": "fixed"}
     # memory_mode (auto) is shown too once trainer/config.py has it.
     for node_type, shown in (("FinetuneTrainLoRA", LORA_SHOWN), ("FinetuneTrainFull", FULL_SHOWN)):
-        assert [
-            n for n in sizes[node_type]["shown"] if n not in ("memory_mode", "control_after_generate")
-        ] == shown
+        assert [n for n in sizes[node_type]["shown"] if n != "memory_mode"] == shown
     for node_type, size in sizes.items():
         with Image.open(size["screenshot"]) as img:
             assert img.size == (1280, 800)
@@ -411,7 +409,7 @@ def test_error_text_helpers(
             const custom = {details: "folder - folder: no folder 'x' in /in", extra_info: {input_name: "folder"}};
             const listed = {message: "Value not in list", details: "ckpt_name: 'a' not in " + "b".repeat(500)};
             const nodeErrors = {"3": {errors: [custom, custom]}};
-            const executionError = {node_id: "4", exception_message: "Train LoRA: no model\n"};
+            const executionError = {node_id: "4", exception_message: "Train LoRA: no model\\n"};
             return {
                 custom: e.validationText(custom),
                 listed: e.validationText(listed).length,
