@@ -428,3 +428,46 @@ def test_error_text_helpers(
         "five": [],
     }
     assert browser.errors == []
+
+
+def test_show_advanced_and_edited_values_survive_save_and_load(
+    browser: Browser,  # noqa: F811
+):
+    """A Train node opened with "Show Advanced" and an advanced value edited is saved and loads
+    back the same: every widget shown, the edited value kept, the hidden ones folded for others."""
+    _ready(browser)
+    page = browser.page
+    _fresh_canvas(page)
+    shown = page.evaluate(ADD_NODE, ["FinetuneTrainLoRA", 100, 120])
+    folded = page.evaluate(ADD_NODE, ["FinetuneTrainLoRA", 600, 120])
+    page.evaluate(
+        """([shown, folded]) => {
+            app.graph.getNodeById(shown).toggleAdvanced();
+            for (const id of [shown, folded]) {
+                const node = app.graph.getNodeById(id);
+                node.widgets.find((w) => w.name === "lr_scheduler").value = "linear";
+                node.widgets.find((w) => w.name === "seed").value = 7;
+            }
+        }""",
+        [shown, folded],
+    )
+    saved = page.evaluate("() => app.graph.serialize()")
+    page.evaluate(LOAD, saved)
+    values = page.evaluate(
+        """(ids) => ids.map((id) => {
+            const widgets = app.graph.getNodeById(id).widgets;
+            const seed = widgets.find((w) => w.name === "seed");
+            return {
+                lr_scheduler: widgets.find((w) => w.name === "lr_scheduler").value,
+                seed: seed.value,
+                control: seed.linkedWidgets[0].value,
+            };
+        })""",
+        [shown, folded],
+    )
+    assert values == [{"lr_scheduler": "linear", "seed": 7, "control": "fixed"}] * 2
+    after = [_measure(page, node_id) for node_id in (shown, folded)]
+    assert len(after[0]["shown"]) == after[0]["widgets"] == 74
+    assert after[1]["shown"] == LORA_SHOWN + [n for n in after[1]["shown"] if n == "memory_mode"]
+    assert after[1]["height"] <= MAX_HEIGHT < after[0]["height"]
+    assert browser.errors == []

@@ -72,6 +72,10 @@ app.registerExtension({
   },
   loadedGraphNode(node) {
     // A saved size came from a frontend that drew every widget: fit it to what is shown now.
-    if (isPackNode(node) && node.widgets?.some((w) => w.advanced) && !node.showAdvanced) fitHeight(node);
+    // Output nodes keep theirs: the room under their widgets is for the images they show.
+    const output = node.constructor?.nodeData?.output_node;
+    if (isPackNode(node) && !output && node.widgets?.some((w) => w.advanced) && !node.showAdvanced) {
+      fitHeight(node);
+    }
   },
 });
