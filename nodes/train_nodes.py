@@ -6,7 +6,9 @@ the pack's run manager and return an ``FT_RUN`` at once: the ComfyUI queue stays
 prompts while the run trains. They re-run on every queue, but the manager never starts a second
 copy of a run: a run that is queued or running is returned as is, a finished one is reused, and
 a stopped or failed one resumes from its last checkpoint. Changing a setting of an existing run
-is refused with a message that says to choose another run name.
+is refused with a message that says to choose another run name. A Train node shows the settings
+most runs change; the rest are advanced (folded on the canvas by ``web/compact_nodes.js``), and
+the widget order never changes, because saved graphs restore widget values by position.
 """
 
 from __future__ import annotations
@@ -34,12 +36,12 @@ NONE = "(none)"
 # Widget order. Saved graphs store widget values by position (the frontend's default restore),
 # so this order never changes: the head lists below come first, then every other TrainConfig widget
 # in declaration order, then the options added after workflows were shared (_APPENDED), last.
-_LORA_COMMON = [
+_LORA_HEAD = [
     "run_name", "lora_rank", "lora_alpha", "lora_targets", "learning_rate", "lr_scheduler", "lr_warmup",
     "optimizer", "batch_size", "epochs", "max_steps", "resolution", "mixed_precision",
     "gradient_checkpointing", "checkpoint_every", "validation_prompts", "validation_every", "seed",
 ]  # fmt: skip
-_FULL_COMMON = [
+_FULL_HEAD = [
     "run_name", "learning_rate", "lr_scheduler", "lr_warmup", "optimizer", "batch_size", "epochs", "max_steps",
     "resolution", "mixed_precision", "gradient_checkpointing", "train_text_encoder", "checkpoint_every",
     "keep_checkpoints", "validation_prompts", "validation_every", "seed",
@@ -60,8 +62,8 @@ _LORA_ONLY = {"lora_rank", "lora_alpha", "lora_dropout", "lora_targets"}
 _TOOLTIPS = {f.name: option_info(f).tooltip for f in dataclasses.fields(TrainConfig)}
 
 
-def option_order(head: list[str], *, exclude: set[str]) -> list[str]:
-    """The TrainConfig widgets of a Train node in their stored order (see ``_LORA_COMMON``)."""
+def _option_order(head: list[str], *, exclude: set[str]) -> list[str]:
+    """The TrainConfig widgets of a Train node in their stored order (see ``_LORA_HEAD``)."""
     known = [n for n in widget_names(TrainConfig) if n not in exclude and n not in _NODE_FILLED]
     appended = [n for n in _APPENDED if n in known]
     rest = [n for n in known if n not in head and n not in appended]
@@ -72,7 +74,7 @@ def _option_inputs(
     head: list[str], shown: set[str], *, exclude: set[str], overrides: dict[str, dict]
 ) -> list[io.Input]:
     """The TrainConfig widgets of a Train node, in stored order; those not in ``shown`` advanced."""
-    names = option_order(head, exclude=exclude)
+    names = _option_order(head, exclude=exclude)
     merged = {n: dict(overrides.get(n, {})) for n in names}
     for name in names:
         merged[name]["advanced"] = name not in shown or None
@@ -244,7 +246,7 @@ class TrainLoRA(_TrainNode):
                     "dataset", tooltip="The training images and captions (from Load Dataset and friends)."
                 ),
                 *_model_inputs(full=False),
-                *_option_inputs(_LORA_COMMON, _LORA_SHOWN, exclude=set(), overrides={}),
+                *_option_inputs(_LORA_HEAD, _LORA_SHOWN, exclude=set(), overrides={}),
             ],
             outputs=_train_outputs(),
         )
@@ -288,7 +290,7 @@ class TrainFull(_TrainNode):
                     "dataset", tooltip="The training images and captions (from Load Dataset and friends)."
                 ),
                 *_model_inputs(full=True),
-                *_option_inputs(_FULL_COMMON, _FULL_SHOWN, exclude=_LORA_ONLY, overrides=overrides),
+                *_option_inputs(_FULL_HEAD, _FULL_SHOWN, exclude=_LORA_ONLY, overrides=overrides),
             ],
             outputs=_train_outputs(),
         )
