@@ -6,11 +6,13 @@
    :data:`MAX_WIDGETS` widgets and :data:`MAX_HEIGHT` px.
 2. Each shipped UI workflow loads with its values, and each training graph (the shipped ones and a
    freshly built one) queued twice with the frontend's own Run button makes one run.
-3. A graph with a dataset folder that does not exist is refused and the message shows on the node.
+3. A graph with a dataset folder that does not exist, or a Train node without a model, is refused
+   and the one-sentence reason shows under the node.
 
 Sizes are written to ``node_sizes.json`` and screenshots to ``<node type>.png`` in the test's tmp
-folder; copies are kept in ``/tmp/finetune_nodes/`` (pytest prunes old tmp folders). Skipped without ``COMFYUI_PATH``, playwright or chromium, like
-``tests/test_web_panel.py``, whose browser fixtures this module uses.
+folder; copies are kept in ``/tmp/finetune_nodes/`` (pytest prunes old tmp folders). Skipped
+without ``COMFYUI_PATH``, playwright or chromium, like ``tests/test_web_panel.py``, whose browser
+fixtures this module uses.
 
 Run: ``COMFYUI_PATH=/path/to/ComfyUI python -m pytest -q tests/test_web_nodes.py``.
 """
@@ -74,7 +76,11 @@ ADD_NODE = """([type, x, y]) => {
 
 
 def _ready(b: Browser) -> None:
+    """Wait until the app has set up: the Run button is drawn and the start-up requests (node
+    definitions, the workflow it opens) are done, so nothing replaces the graph a test builds."""
     b.page.wait_for_function(READY, timeout=90_000)
+    b.page.wait_for_selector('[data-testid="queue-button"]', timeout=90_000)
+    b.page.wait_for_load_state("networkidle")
 
 
 def _fresh_canvas(page) -> None:
@@ -209,10 +215,11 @@ def models(comfy: ComfyClient) -> dict[str, str]:
     return dict(TINY_MODEL)
 
 
-def _reload(b: Browser) -> None:
-    """Reload the page so the node definitions list files written after it loaded."""
-    b.page.reload(wait_until="load")
+def _refresh_lists(b: Browser) -> None:
+    """Refresh the node definitions' file lists (the canvas's "r"), for files written after the page
+    loaded. Not a page reload: that restores the previous graph asynchronously."""
     _ready(b)
+    b.page.evaluate("async () => await app.refreshComboInNodes()")
 
 
 def _run_button_queue(b: Browser, comfy: ComfyClient) -> dict:
@@ -272,7 +279,7 @@ def test_shipped_training_queued_twice_with_the_run_button_makes_one_run(
     models: dict[str, str],
     name: str,
 ):
-    _reload(browser)
+    _refresh_lists(browser)
     workflow = ws.read_json(ws.WORKFLOWS_DIR / f"{name}.json")
     browser.page.evaluate(LOAD, workflow)
     (train,) = [n for n in workflow["nodes"] if n["type"] in TRAIN_NODES]
@@ -296,7 +303,7 @@ def test_fresh_training_graph_queued_twice_with_the_run_button_makes_one_run(
     models: dict[str, str],
 ):
     """A graph built from fresh nodes (default seed control) keeps its run on the second queue."""
-    _reload(browser)
+    _refresh_lists(browser)
     page = browser.page
     _fresh_canvas(page)
     load = page.evaluate(ADD_NODE, ["FinetuneLoadDataset", 100, 120])
@@ -383,7 +390,7 @@ def test_a_refused_model_shows_its_message_on_the_train_node(
     tmp_path: Path,
 ):
     """A fresh Train node with no model chosen fails when it runs; the reason is drawn under it."""
-    _reload(browser)
+    _refresh_lists(browser)
     page = browser.page
     _, train = _dataset_train_status(page, DATASET)
     page.evaluate(SET_WIDGETS, [train, {"run_name": "web-no-model"}])
