@@ -223,7 +223,7 @@ class CheckpointSweep(io.ComfyNode):
                 FtCheckpoints.Input("checkpoints", tooltip="From Run Checkpoints."),
                 io.String.Input("positive", multiline=True, default="", tooltip="The prompt; several lines = several prompts, one row each."),
                 io.String.Input("negative", multiline=True, default="", tooltip="The negative prompt, shared by every render."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="One seed for every render, so only the checkpoint changes."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=io.ControlAfterGenerate.fixed, tooltip="One seed for every render, so only the checkpoint changes (fixed, so queuing again renders the same images)."),
                 io.Int.Input("steps", default=20, min=1, max=10_000, tooltip="Sampling steps per render."),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Classifier-free guidance scale."),
                 io.Combo.Input("sampler_name", options=samplers, default="euler" if "euler" in samplers else samplers[0], tooltip="The sampling algorithm (as in KSampler)."),

@@ -6,7 +6,9 @@ the pack's run manager and return an ``FT_RUN`` at once: the ComfyUI queue stays
 prompts while the run trains. They re-run on every queue, but the manager never starts a second
 copy of a run: a run that is queued or running is returned as is, a finished one is reused, and
 a stopped or failed one resumes from its last checkpoint. Changing a setting of an existing run
-is refused with a message that says to choose another run name.
+is refused with a message that says to choose another run name. A Train node shows the settings
+most runs change; the rest are advanced (folded on the canvas by ``web/compact_nodes.js``), and
+the widget order never changes, because saved graphs restore widget values by position.
 """
 
 from __future__ import annotations
@@ -31,32 +33,52 @@ from .widgets import inputs_for, values_to_config, widget_names
 TRAIN_CATEGORY = f"{CATEGORY}/train"
 NONE = "(none)"
 
-# Visible widgets, in order; every other TrainConfig widget is shown as advanced.
-_LORA_COMMON = [
+# Widget order. Saved graphs store widget values by position (the frontend's default restore),
+# so this order never changes: the head lists below come first, then every other TrainConfig widget
+# in declaration order, then the options added after workflows were shared (_APPENDED), last.
+_LORA_HEAD = [
     "run_name", "lora_rank", "lora_alpha", "lora_targets", "learning_rate", "lr_scheduler", "lr_warmup",
     "optimizer", "batch_size", "epochs", "max_steps", "resolution", "mixed_precision",
     "gradient_checkpointing", "checkpoint_every", "validation_prompts", "validation_every", "seed",
 ]  # fmt: skip
-_FULL_COMMON = [
+_FULL_HEAD = [
     "run_name", "learning_rate", "lr_scheduler", "lr_warmup", "optimizer", "batch_size", "epochs", "max_steps",
     "resolution", "mixed_precision", "gradient_checkpointing", "train_text_encoder", "checkpoint_every",
     "keep_checkpoints", "validation_prompts", "validation_every", "seed",
 ]  # fmt: skip
+# New options go here (and into the shown sets below if most runs set them), never in the middle.
+_APPENDED = ["memory_mode"]
+# What a fresh Train node shows: what most runs set. Every other widget is advanced: the pack's
+# web extension hides it on the canvas until "Show Advanced" (node menu), and the node's panel lists
+# it under advanced inputs. Names TrainConfig does not have (yet) are skipped.
+_LORA_SHOWN = {
+    "run_name", "lora_rank", "lora_alpha", "learning_rate", "batch_size", "epochs", "max_steps", "resolution",
+    "checkpoint_every", "validation_prompts", "validation_every", "memory_mode",
+}  # fmt: skip
+_FULL_SHOWN = (_LORA_SHOWN - {"lora_rank", "lora_alpha"}) | {"train_text_encoder"}
 # Filled by the node itself from its model inputs, never typed.
 _NODE_FILLED = {"base_model", "method", "clip_l", "clip_g", "t5xxl"}
 _LORA_ONLY = {"lora_rank", "lora_alpha", "lora_dropout", "lora_targets"}
 _TOOLTIPS = {f.name: option_info(f).tooltip for f in dataclasses.fields(TrainConfig)}
 
 
-def _option_inputs(common: list[str], *, exclude: set[str], overrides: dict[str, dict]) -> list[io.Input]:
-    """The TrainConfig widgets of a Train node: ``common`` visible, the rest advanced."""
-    rest = [
-        n for n in widget_names(TrainConfig) if n not in common and n not in exclude and n not in _NODE_FILLED
-    ]
-    merged = {n: dict(overrides.get(n, {})) for n in [*common, *rest] if n in overrides}
-    for name in rest:
-        merged.setdefault(name, {})["advanced"] = True
-    return inputs_for(TrainConfig, [*common, *rest], overrides=merged)
+def _option_order(head: list[str], *, exclude: set[str]) -> list[str]:
+    """The TrainConfig widgets of a Train node in their stored order (see ``_LORA_HEAD``)."""
+    known = [n for n in widget_names(TrainConfig) if n not in exclude and n not in _NODE_FILLED]
+    appended = [n for n in _APPENDED if n in known]
+    rest = [n for n in known if n not in head and n not in appended]
+    return [*head, *rest, *appended]
+
+
+def _option_inputs(
+    head: list[str], shown: set[str], *, exclude: set[str], overrides: dict[str, dict]
+) -> list[io.Input]:
+    """The TrainConfig widgets of a Train node, in stored order; those not in ``shown`` advanced."""
+    names = _option_order(head, exclude=exclude)
+    merged = {n: dict(overrides.get(n, {})) for n in names}
+    for name in names:
+        merged[name]["advanced"] = name not in shown or None
+    return inputs_for(TrainConfig, names, overrides=merged)
 
 
 def _model_inputs(*, full: bool) -> list[io.Input]:
@@ -224,7 +246,7 @@ class TrainLoRA(_TrainNode):
                     "dataset", tooltip="The training images and captions (from Load Dataset and friends)."
                 ),
                 *_model_inputs(full=False),
-                *_option_inputs(_LORA_COMMON, exclude=set(), overrides={}),
+                *_option_inputs(_LORA_HEAD, _LORA_SHOWN, exclude=set(), overrides={}),
             ],
             outputs=_train_outputs(),
         )
@@ -268,7 +290,7 @@ class TrainFull(_TrainNode):
                     "dataset", tooltip="The training images and captions (from Load Dataset and friends)."
                 ),
                 *_model_inputs(full=True),
-                *_option_inputs(_FULL_COMMON, exclude=_LORA_ONLY, overrides=overrides),
+                *_option_inputs(_FULL_HEAD, _FULL_SHOWN, exclude=_LORA_ONLY, overrides=overrides),
             ],
             outputs=_train_outputs(),
         )

@@ -22,6 +22,11 @@ from ..trainer.options import ConfigError, from_dict, option_info, to_dict
 
 T = TypeVar("T")
 
+# The frontend gives an INT input with one of these names a "control after generate" widget set
+# to randomize unless the schema names a mode. Our seeds are part of what a run or a dataset draw
+# is, so they start fixed: queuing the same graph again must send the same settings.
+SEED_NAMES = frozenset({"seed", "noise_seed"})
+
 
 class WidgetError(ValueError):
     """A widget value the config refused; the message names the node and the widget."""
@@ -91,6 +96,8 @@ def _input_for(f: dataclasses.Field, tp: Any, extra: Mapping[str, Any]) -> io.In
             "max": _int_or_none(info.max),
         }
         kwargs["step"] = _int_or_none(info.step)
+        if f.name in SEED_NAMES:
+            kwargs["control_after_generate"] = io.ControlAfterGenerate.fixed
         return io.Int.Input(f.name, **{**_pruned(kwargs), **extra})
     if tp is float:
         step = info.step if info.step is not None else float_step(float(default), info.min)

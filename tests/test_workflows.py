@@ -244,10 +244,29 @@ def test_seed_widgets_get_the_frontends_control_value_and_other_ints_do_not():
         "denoise",
     ]
     assert [s.control_values() for s in ksampler.widgets] == [["fixed"], [], [], [], [], []]
-    # A V3 seed without control_after_generate still gets one: the frontend goes by the name.
-    seed = DEFS["FinetuneTrainLoRA"].input("seed")
-    assert "control_after_generate" not in seed.options and seed.control_values() == ["fixed"]
+    # A seed without control_after_generate still gets one: the frontend goes by the name.
+    bare = wt.InputSpec(name="seed", type="INT", options={"default": 0}, required=True)
+    assert bare.control_values() == ["fixed"]
     assert DEFS["FinetuneTrainLoRA"].input("validation_seed").control_values() == []
+
+
+def test_every_seed_of_the_pack_starts_fixed():
+    """A fresh node's seed must not be randomized after a queue: queuing the graph again would
+    send other settings (a Train node would refuse its own run, a dataset draw would change)."""
+    seeds = {
+        (node_id, spec.name): spec.options.get("control_after_generate")
+        for node_id, node_def in DEFS.items()
+        if node_id.startswith("Finetune")
+        for spec in node_def.widgets
+        if spec.control_values()
+    }
+    assert seeds == {
+        ("FinetuneCheckpointSweep", "seed"): "fixed",
+        ("FinetuneDatasetPreview", "seed"): "fixed",
+        ("FinetuneSaveDataset", "seed"): "fixed",
+        ("FinetuneTrainFull", "seed"): "fixed",
+        ("FinetuneTrainLoRA", "seed"): "fixed",
+    }
 
 
 def test_ui_slots_list_sockets_before_widgets_like_the_frontend():
@@ -322,3 +341,34 @@ def _changed_keys(now: dict, then: dict) -> list[str]:
         a, b = now["input"].get(section, {}), then["input"].get(section, {})
         changed += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return changed
+
+
+def test_train_widget_order_only_grows_at_the_end():
+    """The frontend restores a saved graph's widget values by position, so a Train node's widgets
+    keep the order every saved graph was written with (tests/data/train_widget_order.json); a new
+    option goes after them (nodes/train_nodes.py: _APPENDED), never between."""
+    frozen = ws.read_json(wt.ROOT / "tests" / "data" / "train_widget_order.json")
+    for node_id, names in frozen.items():
+        now = [spec.name for spec in DEFS[node_id].widgets]
+        assert now[: len(names)] == names, (
+            f"{node_id}: widgets moved; saved graphs would load shifted values. Append new options last."
+        )
+
+
+@pytest.mark.parametrize(
+    ("node_id", "shown"),
+    [
+        ("FinetuneTrainLoRA", ["ckpt_name", "run_name", "lora_rank", "lora_alpha", "learning_rate", "batch_size",
+                               "epochs", "max_steps", "resolution", "checkpoint_every", "validation_prompts",
+                               "validation_every"]),
+        ("FinetuneTrainFull", ["ckpt_name", "unet_name", "run_name", "learning_rate", "batch_size", "epochs",
+                               "max_steps", "resolution", "train_text_encoder", "checkpoint_every",
+                               "validation_prompts", "validation_every"]),
+    ],
+)  # fmt: skip
+def test_a_train_node_shows_what_most_runs_set_and_marks_the_rest_advanced(node_id, shown):
+    widgets = DEFS[node_id].widgets
+    not_advanced = [s.name for s in widgets if not s.options.get("advanced")]
+    # memory_mode (auto) joins the shown ones once trainer/config.py has it.
+    assert [n for n in not_advanced if n != "memory_mode"] == shown
+    assert len(widgets) > 60
