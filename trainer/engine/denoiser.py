@@ -102,6 +102,10 @@ class TrainableDenoiser:
         """The module DDP wraps (for ``no_sync``), if any."""
         return None
 
+    def host_held_bytes(self) -> int:
+        """GPU memory of this model that the host already accounts for (its own loaded weights)."""
+        return 0
+
     def run_info(self) -> dict:
         """What run.json records under ``model``."""
         return {"arch": self.family, "prediction_type": self.prediction_type, "source": self.source}
@@ -149,7 +153,9 @@ class DiffusersDenoiser(TrainableDenoiser):
         )
         # DDP's gradient hooks cannot live inside a CUDA graph: graph steps all-reduce their own
         # flat gradient buffers instead.
-        self.wrapped = runtime.wrap(bundle.denoiser) if self.graphs is None else runtime.share(bundle.denoiser)
+        self.wrapped = (
+            runtime.wrap(bundle.denoiser) if self.graphs is None else runtime.share(bundle.denoiser)
+        )
         return trainables
 
     def objective(self, config: TrainConfig) -> Objective:
@@ -220,4 +226,6 @@ def as_trainable(model: ModelBundle | TrainableDenoiser) -> TrainableDenoiser:
         return model
     if isinstance(model, ModelBundle):
         return DiffusersDenoiser(model)
-    raise TypeError(f"a model loader returned {type(model).__name__}; expected a ModelBundle or a TrainableDenoiser")
+    raise TypeError(
+        f"a model loader returned {type(model).__name__}; expected a ModelBundle or a TrainableDenoiser"
+    )

@@ -497,7 +497,8 @@ class _Run:
     def _reserve(self) -> None:
         """Tell the host how much GPU memory the run holds, when it changed noticeably (the first
         steps and validation renders grow it after loading)."""
-        reserved = self.runtime.memory_reserved()
+        # Weights the host itself loaded (a ComfyUI MODEL) are already in its own accounting.
+        reserved = max(0, self.runtime.memory_reserved() - self.model.host_held_bytes())
         if self.reserved_reported is None or abs(reserved - self.reserved_reported) >= _RESERVE_DELTA:
             self.host.reserve(reserved)
             self.reserved_reported = reserved
@@ -552,7 +553,10 @@ class _Run:
         rt = self.runtime
         if rt.is_main:
             images = self.model.render(
-                list(self.config.validation_prompts), config=self.config, runtime=rt, resolution=self.resolution
+                list(self.config.validation_prompts),
+                config=self.config,
+                runtime=rt,
+                resolution=self.resolution,
             )
             paths = save_samples(self.folder, step, images)
             self.cb.on_sample(self.name, step, paths)
