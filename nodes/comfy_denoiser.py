@@ -293,6 +293,7 @@ class ComfyDenoiser(TrainableDenoiser):
         self.bypasses: list[_Bypass] = []
         self.config: TrainConfig | None = None
         self.device = torch.device("cpu")
+        self.reloads = 0  # how often the clone had to be loaded (ComfyUI swapped it out meanwhile)
 
     # Setup ------------------------------------------------------------------------------------
 
@@ -355,6 +356,7 @@ class ComfyDenoiser(TrainableDenoiser):
         loaded = any(m.model is self.patcher for m in mm.current_loaded_models)
         if loaded and self.patcher.is_injected:
             return
+        self.reloads += 1
         with torch.inference_mode(False):
             mm.load_models_gpu([self.patcher])
             self.patcher.inject_model()  # a no-op when the load injected it already
