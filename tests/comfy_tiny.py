@@ -30,7 +30,7 @@ UNET_SD15 = {
     "use_temporal_resblock": False, "adm_in_channels": None, "num_res_blocks": [2, 2],
     "transformer_depth": [1, 1, 0, 0], "channel_mult": [1, 2], "transformer_depth_middle": 1,
     "use_linear_in_transformer": False, "context_dim": CONTEXT, "num_heads": 2,
-    "transformer_depth_output": [0, 0, 0, 1, 1, 1],
+    "transformer_depth_output": [1, 1, 1, 0, 0, 0],
 }  # fmt: skip
 CONFIGS = {
     # The layout of trainer.models.tiny's SD1.5 UNet (so one set of weights runs in both backends).

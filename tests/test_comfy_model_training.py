@@ -19,6 +19,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,6 +30,7 @@ if not os.environ.get("COMFYUI_PATH"):
 
 import comfy_tiny  # noqa: E402
 from comfy_server import import_pack  # noqa: E402
+from PIL import Image  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from train_helpers import tiny_config  # noqa: E402
 
@@ -119,6 +121,8 @@ def test_a_lora_trained_on_the_model_loads_in_stock_comfyui(tmp_path, data, fami
     config = tiny_config(
         tmp_path, data, run_name=family.lower(), max_steps=STEPS, epochs=100, batch_size=2,
         learning_rate=1e-2, checkpoint_every=STEPS // 2, lora_targets="attention+ff",
+        validation_prompts="red", validation_every=STEPS, validation_steps=3, validation_guidance=1.0,
+        validation_seed=3, validation_width=64, validation_height=64,
     )  # fmt: skip
     denoisers = []
 
@@ -164,6 +168,11 @@ def test_a_lora_trained_on_the_model_loads_in_stock_comfyui(tmp_path, data, fami
     assert len(patched.patches) == len(stems)  # every layer patched
     with_lora = render(patched, vae, clip)
     assert (with_lora - before).abs().max() > 1e-3
+    # The run's validation render (its own adapters, through ComfyUI's sampler) is what stock Load
+    # LoRA renders with the file, but for fp16 storage of the file and 8-bit PNG rounding.
+    sample = Path(result.run_dir) / "samples" / f"step{STEPS:05d}-0.png"
+    pixels = torch.from_numpy(np.asarray(Image.open(sample).convert("RGB"))).float() / 255
+    assert (pixels - with_lora[0]).abs().max() < 0.02
 
 
 def test_a_family_this_path_cannot_train_is_refused_naming_it(tmp_path, data):
@@ -244,3 +253,70 @@ def first_path(config) -> str:
         / "checkpoints"
         / f"{config.run_name}-step00020.safetensors"
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Parity: the same SD1.5 through both backends
+
+
+class BundleVae:
+    """ComfyUI's VAE interface (``encode`` of ``[B, H, W, 3]`` pixels in 0..1) over a diffusers
+    bundle's VAE, so both backends train on the same latents (the posterior mean)."""
+
+    def __init__(self, bundle):
+        self.bundle = bundle
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = images.movedim(-1, 1) * 2.0 - 1.0
+        return self.bundle.vae.encode(pixels).latent_dist.mean
+
+
+class BundleClip:
+    """ComfyUI's CLIP interface over a diffusers bundle's text encoder (the last hidden state, as
+    the diffusers backend encodes SD1.5 prompts)."""
+
+    def __init__(self, bundle):
+        self.bundle = bundle
+
+    def tokenize(self, text: str) -> str:
+        return text
+
+    def encode_from_tokens(self, text, return_pooled=False, return_dict=False):
+        from trainer.models.text import encode_prompts
+
+        return {"cond": encode_prompts(self.bundle, [text], device="cpu").prompt_embeds}
+
+
+def test_both_backends_train_the_same_sd15_to_the_same_loss(tmp_path, data):
+    """The tiny SD1.5 of trainer.models.tiny, as a diffusers bundle and as ComfyUI's UNet with the
+    same weights: 200 steps of the same data and settings give mean losses within 5 %."""
+    from trainer.config import Arch
+    from trainer.models.convert import bundle_to_original
+    from trainer.models.tiny import tiny_bundle
+
+    bundle = tiny_bundle(Arch.SD15, seed=0)
+    prefix = "model.diffusion_model."
+    weights = {k[len(prefix) :]: v for k, v in bundle_to_original(bundle).items() if k.startswith(prefix)}
+    model = comfy_tiny.tiny_model("SD15", state_dict=weights)
+
+    steps = 200
+    settings = dict(max_steps=steps, epochs=1000, batch_size=2, learning_rate=1e-3, checkpoint_every=steps)
+    diffusers_run = train(
+        tiny_config(tmp_path, data, run_name="diffusers", **settings),
+        model_loader=lambda c: bundle,
+        device="cpu",
+    )
+    comfy_run = train(
+        tiny_config(tmp_path, data, run_name="comfy", **settings),
+        model_loader=lambda c: backend.ComfyDenoiser(model, BundleClip(bundle), BundleVae(bundle)),
+        device="cpu",
+    )
+    means = []
+    for result in (diffusers_run, comfy_run):
+        assert result.state == RunState.FINISHED, result.message
+        rows = (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()
+        losses = [json.loads(r)["loss"] for r in rows]
+        assert len(losses) == steps
+        means.append(sum(losses) / steps)
+    print(f"mean loss over {steps} steps: diffusers {means[0]:.5f}, ComfyUI MODEL {means[1]:.5f}")
+    assert abs(means[1] - means[0]) / means[0] < 0.05, means
