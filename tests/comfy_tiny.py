@@ -70,6 +70,8 @@ def import_comfy():
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
+    # torch's SDPA (ComfyUI's --use-pytorch-cross-attention): its CPU default is far slower here.
+    comfy.cli_args.args.use_pytorch_cross_attention = True
     import comfy.lora  # noqa: F401
     import comfy.model_management  # noqa: F401
     import comfy.model_patcher  # noqa: F401

@@ -171,7 +171,7 @@ def test_a_lora_trained_on_the_model_loads_in_stock_comfyui(tmp_path, data, fami
     # The run's validation render (its own adapters, through ComfyUI's sampler) is what stock Load
     # LoRA renders with the file, but for fp16 storage of the file and 8-bit PNG rounding.
     sample = Path(result.run_dir) / "samples" / f"step{STEPS:05d}-0.png"
-    pixels = torch.from_numpy(np.asarray(Image.open(sample).convert("RGB"))).float() / 255
+    pixels = torch.from_numpy(np.array(Image.open(sample).convert("RGB"))).float() / 255
     assert (pixels - with_lora[0]).abs().max() < 0.02
 
 
