@@ -320,3 +320,17 @@ def test_both_backends_train_the_same_sd15_to_the_same_loss(tmp_path, data):
         means.append(sum(losses) / steps)
     print(f"mean loss over {steps} steps: diffusers {means[0]:.5f}, ComfyUI MODEL {means[1]:.5f}")
     assert abs(means[1] - means[0]) / means[0] < 0.05, means
+
+
+def test_the_node_refuses_an_untrainable_family_before_queuing(data):
+    """Train LoRA (Model) raises at queue time (in execute, before the run manager is asked)."""
+    from train_helpers import spec_for
+
+    nodes = import_pack("nodes.model_train_nodes")
+    model = comfy_tiny.tiny_model("AuraFlow")
+    with pytest.raises(ValueError, match="^Train LoRA \\(Model\\): ComfyUI detected this model as AuraFlow"):
+        nodes.TrainLoRAModel.execute(
+            model, comfy_tiny.WordClip(), comfy_tiny.tiny_vae(4), spec_for(data), run_name="aura"
+        )
+    with pytest.raises(ValueError, match="connect the CLIP and the VAE"):
+        nodes.TrainLoRAModel.execute(model, None, None, spec_for(data), run_name="aura")
