@@ -57,8 +57,8 @@ def family_of(model) -> str:
 
 
 def prediction_of(model) -> str | None:
-    """The objective ("epsilon", "v_prediction" or "flow") from the MODEL's ``model_sampling``; None when this path
-    has no objective for it (EDM, x0, img2img, cascade, continuous schedules)."""
+    """The objective ("epsilon", "v_prediction" or "flow") from the MODEL's ``model_sampling``;
+    None when this path has no objective for it (EDM, x0, img2img, cascade, continuous schedules)."""
     import comfy.model_sampling as ms
 
     sampling = model.get_model_object("model_sampling")
@@ -84,10 +84,16 @@ def check_trainable(model, config: TrainConfig) -> str:
         raise ValueError(f"{NODE}: the model input is empty; connect the MODEL of a checkpoint loader")
     family = family_of(model)
     prediction = prediction_of(model)
-    if family not in TRAINABLE_FAMILIES or prediction is None:
+    if family not in TRAINABLE_FAMILIES:
         raise ValueError(
             f"{NODE}: ComfyUI detected this model as {family} ({type(model.model).__name__}), a family this "
             f"node cannot train yet; it trains {', '.join(TRAINABLE_FAMILIES)}"
+        )
+    if prediction is None:
+        sampling = " + ".join(b.__name__ for b in type(model.get_model_object("model_sampling")).__bases__)
+        raise ValueError(
+            f"{NODE}: this {family} model samples with {sampling}, which has no training objective here; "
+            "remove the ModelSampling node that set it (epsilon, v and flow models train)"
         )
     if getattr(model.model.latent_format, "latent_dimensions", 2) != 2:
         raise ValueError(f"{NODE}: {family} is a video model; this node trains image models only")
@@ -98,7 +104,10 @@ def check_trainable(model, config: TrainConfig) -> str:
             f"{NODE}: train_text_encoder is not available on a ComfyUI MODEL yet; turn it off, or use "
             "Train LoRA with the model file"
         )
-    names = comfy_lora.target_names(model.model.diffusion_model, config.lora_targets)
+    try:
+        names = comfy_lora.target_names(model.model.diffusion_model, config.lora_targets)
+    except ValueError as e:
+        raise ValueError(f"{NODE}: {e}") from None
     if not names:
         raise ValueError(
             f"{NODE}: lora_targets {config.lora_targets.value!r} matches no layer of this {family} model"

@@ -84,6 +84,7 @@ def test_train_lora_model_on_a_real_size_sd15_through_prompt(comfy):
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
         "2": {"class_type": "FinetuneLoadDataset", "inputs": _defaults(info["FinetuneLoadDataset"]) | {"folder": "colours"}},
         "3": {"class_type": "FinetuneTrainLoRAModel", "inputs": train},
+        "4": {"class_type": "FinetuneRunStatus", "inputs": {"run": ["3", 0]}},
     }  # fmt: skip
     queued = comfy.run(prompt, timeout=600)
     assert queued["outputs"]["3"]["text"][0].startswith(f"run '{RUN}': queued")

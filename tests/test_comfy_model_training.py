@@ -334,3 +334,21 @@ def test_the_node_refuses_an_untrainable_family_before_queuing(data):
         )
     with pytest.raises(ValueError, match="connect the CLIP and the VAE"):
         nodes.TrainLoRAModel.execute(model, None, None, spec_for(data), run_name="aura")
+
+
+def test_a_sampling_without_a_training_objective_is_refused(tmp_path, data):
+    """An SD1.5 switched to EDM sampling (as ComfyUI's ModelSamplingContinuousEDM node does)."""
+    import comfy.model_sampling as ms
+
+    class EDMSampling(ms.ModelSamplingContinuousEDM, ms.EDM):
+        pass
+
+    model = comfy_tiny.tiny_model("SD15")
+    patched = model.clone()
+    patched.add_object_patch("model_sampling", EDMSampling(model.model.model_config))
+    with pytest.raises(ValueError) as info:
+        backend.check_trainable(patched, tiny_config(tmp_path, data))
+    assert str(info.value) == (
+        "Train LoRA (Model): this SD15 model samples with ModelSamplingContinuousEDM + EDM, which has no "
+        "training objective here; remove the ModelSampling node that set it (epsilon, v and flow models train)"
+    )
