@@ -45,7 +45,9 @@ log = logging.getLogger("finetune")
 
 NODE = "Train LoRA (Model)"
 INJECTION_KEY = "finetune_lora"
-#: Families this path has trained and loaded back (tests/test_comfy_model_training.py); others are refused.
+#: Families this path trains; others are refused. SD15, SDXL, SD3 (3.5 layout), Flux and Lumina2 are
+#: trained and loaded back in tests/test_comfy_model_training.py; SD20 (v-prediction) and FluxSchnell
+#: run the same model code as SD15 and Flux.
 TRAINABLE_FAMILIES = ("SD15", "SD20", "SDXL", "SD3", "Flux", "FluxSchnell", "Lumina2")
 _NATIVE_RESOLUTION = {"SD15": 512, "SD20": 768}
 _FLOW_TABLE = 1000

@@ -32,9 +32,16 @@ UNET_SD15 = {
     "use_linear_in_transformer": False, "context_dim": CONTEXT, "num_heads": 2,
     "transformer_depth_output": [1, 1, 1, 0, 0, 0],
 }  # fmt: skip
+UNET_SDXL = {
+    **UNET_SD15, "num_res_blocks": [1, 1], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
+    "model_channels": 64, "use_linear_in_transformer": True, "num_heads": -1, "num_head_channels": 64,
+    "num_classes": "sequential",
+    "adm_in_channels": POOLED + 6 * 256,
+}  # fmt: skip
 CONFIGS = {
     # The layout of trainer.models.tiny's SD1.5 UNet (so one set of weights runs in both backends).
     "SD15": UNET_SD15,
+    "SDXL": UNET_SDXL,
     "Flux": {
         "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": POOLED,
         "context_in_dim": CONTEXT, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
@@ -59,7 +66,7 @@ CONFIGS = {
         "n_heads": 2, "global_conddim": 64, "cond_seq_dim": CONTEXT, "max_seq": 64,
     },
 }  # fmt: skip
-LATENT_CHANNELS = {"SD15": 4, "Flux": 16, "SD3": 16, "Lumina2": 16, "AuraFlow": 4}
+LATENT_CHANNELS = {"SD15": 4, "SDXL": 4, "Flux": 16, "SD3": 16, "Lumina2": 16, "AuraFlow": 4}
 
 
 def import_comfy():

@@ -4,7 +4,7 @@ Run: ``COMFYUI_PATH=/path/to/ComfyUI <its python> -m pytest -q tests/test_comfy_
 Skipped without ``COMFYUI_PATH``.
 
 Each family is a tiny random-weight model built with ComfyUI's own classes (tests/comfy_tiny.py):
-SD1.5 (epsilon), Flux (flow, Flux shift), SD3.5 (flow, MMDiT with RMS q/k norms and a second
+SD1.5 and SDXL (epsilon; SDXL with its size conditioning), Flux (flow, Flux shift), SD3.5 (flow, MMDiT with RMS q/k norms and a second
 self-attention) and Lumina 2 (flow, NextDiT). For each: the run finishes through the trainer's loop;
 on flat-colour images with colour captions the loss falls clearly; the LoRA files load in ComfyUI's
 own LoRA loader with zero unloaded keys and change the render; a render of the base model during
@@ -42,10 +42,11 @@ backend = import_pack("nodes.comfy_denoiser")
 host = import_pack("nodes.host")
 
 STEPS = 60
-FAMILIES = ["SD15", "Flux", "SD3", "Lumina2"]
+FAMILIES = ["SD15", "SDXL", "Flux", "SD3", "Lumina2"]
 # What the files must say about the architecture (kohya's ss_base_model_version, modelspec).
 ARCHITECTURE = {
     "SD15": ("sd_v1", "stable-diffusion-v1/lora"),
+    "SDXL": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
     "Flux": ("flux1", "flux-1-dev/lora"),
     "SD3": ("sd3", "stable-diffusion-3/lora"),
     "Lumina2": ("lumina2", "lumina-2/lora"),
@@ -54,6 +55,7 @@ ARCHITECTURE = {
 # (BFL / SAI) module paths for the transformers, as kohya's Flux and SD3 trainers write them.
 SAMPLE_KEY = {
     "SD15": "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+    "SDXL": "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
     "Flux": "lora_unet_double_blocks_0_img_attn_qkv",
     "SD3": "lora_unet_joint_blocks_0_x_block_attn2_qkv",
     "Lumina2": "lora_unet_layers_0_attention_qkv",
@@ -143,7 +145,7 @@ def test_a_lora_trained_on_the_model_loads_in_stock_comfyui(tmp_path, data, fami
 
     run = json.loads((Path(result.run_dir) / "run.json").read_text())
     assert run["model"]["arch"] == family
-    assert run["model"]["prediction_type"] == ("epsilon" if family == "SD15" else "flow")
+    assert run["model"]["prediction_type"] == ("epsilon" if family in ("SD15", "SDXL") else "flow")
 
     losses = [
         r["loss"] for r in map(json.loads, (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines())
