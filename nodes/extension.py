@@ -21,6 +21,7 @@ log = logging.getLogger("finetune")
 NODE_MODULES: tuple[tuple[str, str], ...] = (
     ("dataset_nodes", "DATASET_NODES"),
     ("train_nodes", "TRAIN_NODES"),
+    ("model_train_nodes", "MODEL_TRAIN_NODES"),
     ("checkpoint_nodes", "CHECKPOINT_NODES"),
 )
 

@@ -57,7 +57,8 @@ def _emulated(monkeypatch) -> list[StepGraphs]:
         built.append(g)
         return g
 
-    monkeypatch.setattr(loop_module, "step_graphs_for", factory)
+    # The diffusers backend builds its graphs in prepare() (trainer.engine.denoiser).
+    monkeypatch.setattr(graphs_module, "step_graphs_for", factory)
     return built
 
 

@@ -52,13 +52,16 @@ class DenoiserInputs:
         pooled: ``[B, dim]`` (SDXL, SD3) or None (SD1.5).
         time_ids: ``[B, 6]`` SDXL size conditioning, else None.
         captions: the caption text each draw used (for logs and tests).
+        extras: per draw, what a backend conditions on in its own form (the ComfyUI-model backend:
+            the CLIP's outputs and the size conditioning), else None.
     """
 
     latents: torch.Tensor
-    prompt_embeds: torch.Tensor
+    prompt_embeds: torch.Tensor | None
     pooled: torch.Tensor | None
     time_ids: torch.Tensor | None
     captions: list[str]
+    extras: list[dict] | None = None
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,10 @@ LoRA or unfreeze -> scan the dataset, assign buckets, make the plan, write run.j
 (validation at step 0) -> steps, with checkpoints, resume state, pruning and validation on their
 cadences -> the final checkpoint.
 
+The loop talks to the model only through :class:`.denoiser.TrainableDenoiser` (prepare,
+objective, predict, inputs, save, render): a diffusers model loaded from a file, or a model the host
+already holds (ComfyUI's MODEL, whose backend lives in ``nodes/``) train through the same steps.
+
 Between steps the loop checks the user's commands (stop, pause) and, if asked, waits while the
 host (ComfyUI) is busy. Every failure ends the run with one clear message (see
 :mod:`.failures`); ``train`` never raises for them.
@@ -33,20 +37,18 @@ from ..plot import plot_metrics
 from ..runfolder import RunFolder
 from .batches import StepBatches, epoch_steps
 from .caching import cache_root
+from .denoiser import TrainableDenoiser, as_trainable
 from .events import Callbacks, Commands, FanOutCallbacks, HostHooks, Progress, RunState
 from .failures import NonFiniteLoss, RunRefused, failure_message, is_oom, writing
-from .graphs import StepGraphs, skips_on_device, step_graphs_for
-from .inputs import Prefetcher, input_builder_for
+from .graphs import skips_on_device
+from .inputs import Prefetcher
 from .optim import OptimizerSettings, build_optimizer, build_schedule, param_groups
 from .resume import check_start, prepare_folder
 from .runtime import Runtime
-from .saving import CheckpointContext, DatasetSummary, save_checkpoint
-from .setup import load_model, prepare_trainables
-from .speed import SpeedSession
-from .speed import apply as apply_speed
+from .saving import CheckpointContext, DatasetSummary
+from .setup import load_model
 from .state import Position, latest_state, load_state, save_state
-from .step import Objective, batch_loss
-from .validation import render_prompts, save_samples
+from .validation import save_samples
 
 log = logging.getLogger("finetune")
 
@@ -81,7 +83,7 @@ def train(
     host: HostHooks | None = None,
     resume: bool = False,
     device: str | None = None,
-    model_loader: Callable[[TrainConfig], ModelBundle] | None = None,
+    model_loader: Callable[[TrainConfig], ModelBundle | TrainableDenoiser] | None = None,
 ) -> RunResult:
     """Train one run to its end (or until stopped) and say how it ended.
 
@@ -93,7 +95,8 @@ def train(
         resume: continue from the run's latest resume state.
         device: "cuda:1", "cpu", ...; default the first GPU, else the CPU.
         model_loader: loads the base model (default: from ``config.base_model``); hosts that
-            already hold the model, and tests, pass their own.
+            already hold the model, and tests, pass their own. It returns a ModelBundle (diffusers
+            backend) or any :class:`~.denoiser.TrainableDenoiser`.
 
     Returns:
         A :class:`RunResult`; failures are returned as FAILED with their message, not raised.
@@ -124,6 +127,11 @@ def library_versions() -> dict[str, str]:
     }
 
 
+def batch_loss(model: TrainableDenoiser, objective, inputs, *, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample losses of one micro-batch (one name for the step's forward pass, whatever the backend)."""
+    return model.loss(objective, inputs, generator=generator)
+
+
 def step_seed(seed: int, *, rank: int, step: int) -> int:
     """The noise seed of one optimizer step on one rank (a hash, so neighbours are unrelated)."""
     digest = hashlib.sha256(f"noise:{seed}:{rank}:{step}".encode()).digest()
@@ -149,10 +157,10 @@ class _Run:
         self.last_checkpoint: str | None = None
         self.resolution = config.resolution or 0
         self.runtime: Runtime | None = None
-        self.speed: SpeedSession | None = None
+        self.model: TrainableDenoiser | None = None
         self.reserved_reported: int | None = None
         self.prefetch: Prefetcher | None = None
-        self.graphs: StepGraphs | None = None
+        self.graphs = None
         self.position = Position(step=0, epoch=1, step_in_epoch=0)
 
     # -------------------------------------------------------------------------------------------
@@ -187,12 +195,10 @@ class _Run:
             self.host.reserve(0)
             if self.runtime is not None:
                 self.runtime.end()
-            if self.speed is not None:
-                self.speed.restore()
             if self.prefetch is not None:
                 self.prefetch.close()
-            if self.graphs is not None:
-                self.graphs.release()
+            if self.model is not None:
+                self.model.release()
 
     def _end(self, state: RunState, message: str, *, record: bool = True) -> RunResult:
         if record and (self.runtime is None or self.runtime.is_main):
@@ -232,26 +238,11 @@ class _Run:
         self._status(RunState.RUNNING, "loading the model")
 
         self.host.free_memory()
-        bundle = (self.model_loader or load_model)(cfg)
-        self.bundle = bundle
-        self.resolution = cfg.native_resolution(bundle.arch)
-        trainables = prepare_trainables(bundle, cfg, rt)
+        self.model = model = as_trainable((self.model_loader or load_model)(cfg))
+        trainables = model.prepare(cfg, rt, cache_dir=cache_root(cfg.output_dir) / "compile")
         self.trainables = trainables
-        self.speed = apply_speed(
-            bundle.denoiser, cfg, rt.device, cache_dir=cache_root(cfg.output_dir) / "compile"
-        )
-        self.graphs = step_graphs_for(
-            bundle.denoiser,
-            bundle.arch,
-            trainables,
-            runtime=rt,
-            enabled=cfg.cuda_graphs,
-            lora_dropout=cfg.lora_dropout,
-            report=self.speed.report,
-        )
-        # DDP's gradient hooks cannot live inside a CUDA graph: graph steps all-reduce their own
-        # flat gradient buffers instead.
-        self.denoiser = rt.wrap(bundle.denoiser) if self.graphs is None else rt.share(bundle.denoiser)
+        self.graphs = model.graphs
+        self.resolution = cfg.resolution or model.native_resolution
         self._reserve()
 
         dataset = scan_for_run(cfg, self.resolution)
@@ -267,15 +258,11 @@ class _Run:
                 plan=plan.to_dict(),
                 versions=library_versions(),
                 started_at=started_at,
-                model={
-                    "arch": bundle.arch.value,
-                    "prediction_type": bundle.prediction_type,
-                    "source": bundle.source,
-                },
+                model=model.run_info(),
                 buckets={f"{w}x{h}": n for (w, h), n in run_plan.bucket_counts.items()},
                 device=str(rt.device),
                 precision=rt.precision.value,
-                speed=self.speed.report.to_dict(),
+                speed=model.speed_report(),
                 num_processes=rt.world_size,
             )
 
@@ -301,17 +288,14 @@ class _Run:
             num_cycles=cfg.lr_num_cycles,
             power=cfg.lr_power,
         )
-        self.objective = Objective.for_run(
-            model_prediction=bundle.prediction_type, noise_scheduler=bundle.noise_scheduler, config=cfg
-        )
+        self.objective = model.objective(cfg)
         # The seed drives LoRA init (in prepare_trainables), data order, noise and dropout.
         torch.manual_seed(cfg.seed + rt.rank)
         random.seed(cfg.seed + rt.rank)
         self.noise = torch.Generator(device="cpu")
 
-        self.inputs = input_builder_for(
+        self.inputs = model.input_builder(
             cfg,
-            bundle=bundle,
             dataset=dataset,
             buckets=buckets,
             device=rt.device,
@@ -321,7 +305,7 @@ class _Run:
         self.prefetch = Prefetcher(self.inputs, workers=cfg.dataloader_workers)
         self.ckpt_ctx = CheckpointContext(
             config=cfg,
-            bundle=bundle,
+            bundle=getattr(model, "bundle", None),
             plan=plan,
             summary=DatasetSummary.of(dataset, buckets),
             started_at=started_at,
@@ -449,6 +433,7 @@ class _Run:
         step_no = self.step + 1
         # Noise is seeded per (seed, rank, step): every rank resumes its own stream exactly.
         self.noise.manual_seed(step_seed(cfg.seed, rank=rt.rank, step=step_no))
+        self.model.before_step()
         graphs = self.graphs
         losses = []
         for j, micro in enumerate(batch.micro_batches):
@@ -459,11 +444,9 @@ class _Run:
                 noised = self.objective.noised(inputs.latents, generator=self.noise)
                 loss = graphs.forward_backward(noised, inputs, divisor=n)
             else:
-                with rt.no_sync(self.denoiser, sync=j == n - 1):
+                with rt.no_sync(self.model.sync_module(), sync=j == n - 1):
                     with rt.autocast():
-                        loss = batch_loss(
-                            self.denoiser, self.bundle.arch, self.objective, inputs, generator=self.noise
-                        ).mean()
+                        loss = batch_loss(self.model, self.objective, inputs, generator=self.noise).mean()
                     rt.backward(loss / n)
             losses.append(loss.detach() / n)
         if graphs is not None and skips_on_device(self.optimizer):
@@ -515,7 +498,8 @@ class _Run:
     def _reserve(self) -> None:
         """Tell the host how much GPU memory the run holds, when it changed noticeably (the first
         steps and validation renders grow it after loading)."""
-        reserved = self.runtime.memory_reserved()
+        # Weights the host itself loaded (a ComfyUI MODEL) are already in its own accounting.
+        reserved = max(0, self.runtime.memory_reserved() - self.model.host_held_bytes())
         if self.reserved_reported is None or abs(reserved - self.reserved_reported) >= _RESERVE_DELTA:
             self.host.reserve(reserved)
             self.reserved_reported = reserved
@@ -549,14 +533,7 @@ class _Run:
         rt = self.runtime
         path = self.store.path_for(self.step)
         if rt.is_main:
-            save_checkpoint(
-                path,
-                denoiser=rt.unwrap(self.denoiser),
-                text_slots=self.trainables.text_encoder_slots,
-                step=self.step,
-                epoch=epochs_done,
-                ctx=self.ckpt_ctx,
-            )
+            self.model.save_adapter(path, step=self.step, epoch=epochs_done, ctx=self.ckpt_ctx)
             with writing(self.folder.state_dir):
                 save_state(
                     self.folder.state_dir,
@@ -576,10 +553,8 @@ class _Run:
     def _validate(self, step: int) -> None:
         rt = self.runtime
         if rt.is_main:
-            images = render_prompts(
-                self.bundle,
-                rt.unwrap(self.denoiser),
-                prompts=list(self.config.validation_prompts),
+            images = self.model.render(
+                list(self.config.validation_prompts),
                 config=self.config,
                 runtime=rt,
                 resolution=self.resolution,

@@ -67,6 +67,8 @@ class _Run:
     commands: Commands = field(default_factory=Commands)
     progress: Progress | None = None
     device: str | None = None
+    # Loads the model for a host that already holds it (ComfyUI's MODEL); None loads config.base_model.
+    model_loader: Callable[[TrainConfig], Any] | None = None
 
 
 class RunManager:
@@ -137,7 +139,13 @@ class RunManager:
     # Submitting ----------------------------------------------------------------------------------
 
     @_ordered_events
-    def submit(self, config: TrainConfig, *, resume: bool = False) -> RunHandle:
+    def submit(
+        self,
+        config: TrainConfig,
+        *,
+        resume: bool = False,
+        model_loader: Callable[[TrainConfig], Any] | None = None,
+    ) -> RunHandle:
         """Queue a run, or return the one already queued or running under that name.
 
         The run name is sanitised (it becomes the folder name) and ``output_dir`` is set to the
@@ -148,6 +156,8 @@ class RunManager:
         Args:
             config: the run.
             resume: continue from the run's last saved state (when it has one).
+            model_loader: gives the engine the model to train (``train``'s ``model_loader``), for a
+                host that already holds it; kept for this session's later resumes of the run.
 
         Returns:
             The run's handle; ``already_running`` is True when no new run was queued because one
@@ -209,11 +219,19 @@ class RunManager:
                     )
                 resume = True
             resume = resume and has_resume_point(folder)
-            note = self._enqueue(name, folder, config, resume=resume)
+            note = self._enqueue(name, folder, config, resume=resume, model_loader=model_loader)
         self._emit_state(name, RunState.QUEUED, note)
         return RunHandle(name, str(folder.path), note=note)
 
-    def _enqueue(self, name: str, folder: RunFolder, config: TrainConfig, *, resume: bool) -> str:
+    def _enqueue(
+        self,
+        name: str,
+        folder: RunFolder,
+        config: TrainConfig,
+        *,
+        resume: bool,
+        model_loader: Callable[[TrainConfig], Any] | None = None,
+    ) -> str:
         """Create the folder, write run.json and queue the run. Caller holds the lock."""
         busy = sum(1 for r in self._runs.values() if r.state.is_active and r.state != RunState.QUEUED)
         ahead = len(self._queue) + max(0, busy - len(self._workers) + 1)
@@ -223,7 +241,12 @@ class RunManager:
         folder.create()
         folder.update(config=to_dict(config))
         folder.set_status(RunState.QUEUED.value, note)
-        self._runs[name] = _Run(name=name, folder=folder, config=config, resume=resume, message=note)
+        previous = self._runs.get(name)
+        if model_loader is None and previous is not None:
+            model_loader = previous.model_loader  # resuming a run of this session keeps its model
+        self._runs[name] = _Run(
+            name=name, folder=folder, config=config, resume=resume, message=note, model_loader=model_loader
+        )
         self._queue.append(name)
         self._changed.notify_all()
         return note
@@ -440,6 +463,7 @@ class RunManager:
         """Run one training to its end; never raises (a crash becomes a failed state)."""
         try:
             train_fn = self._train_fn or _default_train_fn()
+            extra = {"model_loader": run.model_loader} if run.model_loader is not None else {}
             result = train_fn(
                 run.config,
                 callbacks=_RunCallbacks(self, run),
@@ -447,6 +471,7 @@ class RunManager:
                 host=self._host,
                 resume=run.resume,
                 device=None if device == "default" else device,
+                **extra,
             )
         except Exception as e:  # the engine returns on failure; reaching here is a bug or a missing module
             log.exception("finetune: run %s crashed", run.name)
