@@ -15,6 +15,7 @@ from comfy_api.latest import io
 from ..trainer.config import DatasetSpec, Method
 from ..trainer.runs import RunStateError
 from .train_nodes import (
+    _LORA_SHOWN,
     TRAIN_CATEGORY,
     _handle_text,
     _option_inputs,
@@ -65,7 +66,7 @@ class TrainLoRAModel(_TrainNode):
                 FtDataset.Input(
                     "dataset", tooltip="The training images and captions (from Load Dataset and friends)."
                 ),
-                *_option_inputs(_COMMON, exclude=_FILE_ONLY, overrides={}),
+                *_option_inputs(_COMMON, _LORA_SHOWN, exclude=_FILE_ONLY, overrides={}),
             ],
             outputs=_train_outputs(),
         )
