@@ -306,9 +306,7 @@ def gib(nbytes: float) -> str:
     return f"{nbytes / GiB:.1f}"
 
 
-def settings_for(
-    config: TrainConfig, arch: Arch, *, frozen_on_gpu: bool = False
-) -> MemorySettings:
+def settings_for(config: TrainConfig, arch: Arch, *, frozen_on_gpu: bool = False) -> MemorySettings:
     """The memory-relevant part of ``config`` for a model of family ``arch``."""
     return MemorySettings(
         arch=arch,
@@ -445,9 +443,7 @@ def _steps(settings: MemorySettings, *, explicit: set[str], bitsandbytes: bool) 
 
 
 def _to_micro_batch_one(s: MemorySettings) -> MemorySettings:
-    return dataclasses.replace(
-        s, batch_size=1, gradient_accumulation=s.gradient_accumulation * s.batch_size
-    )
+    return dataclasses.replace(s, batch_size=1, gradient_accumulation=s.gradient_accumulation * s.batch_size)
 
 
 def _smallest_batch_needed(s: MemorySettings, free: int, *, lowest: bool) -> tuple[MemorySettings, str]:
