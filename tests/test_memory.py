@@ -10,8 +10,8 @@ import pytest
 from trainer.config import Arch, LoraTargets, MemoryMode, Method, OptimizerName, Precision, TrainConfig
 from trainer.engine.memory import (
     FAMILIES,
-    GiB,
     CardTooSmall,
+    GiB,
     MemoryPlan,
     MemorySettings,
     choose,
@@ -60,9 +60,10 @@ def test_estimate_parts_follow_each_saver():
     n = FAMILIES[Arch.SD15].denoiser_params
     assert estimate(full)["trained"] == 18 * n
     assert estimate(dataclasses.replace(full, bf16_weights=True))["trained"] == 8 * n
-    assert estimate(dataclasses.replace(full, bf16_weights=True, optimizer=OptimizerName.ADAMW_8BIT))[
-        "trained"
-    ] == 6 * n
+    assert (
+        estimate(dataclasses.replace(full, bf16_weights=True, optimizer=OptimizerName.ADAMW_8BIT))["trained"]
+        == 6 * n
+    )
     # Twice the pixels, twice the activations.
     at_768 = estimate(MemorySettings(Arch.SD15, Method.LORA, 724, 1))["activations"]
     at_512 = estimate(MemorySettings(Arch.SD15, Method.LORA, 512, 1))["activations"]
@@ -177,7 +178,9 @@ def test_the_message_says_what_was_chosen_and_why():
         "message": plan.message,
     }
     roomy = choose(CASES["SDXL LoRA 1024 b4"], free=free_of(80))
-    assert roomy.message == "memory auto: 79.5 GiB free; SDXL LoRA 1024 b4 needs ~26.6 GiB, fits as configured"
+    assert (
+        roomy.message == "memory auto: 79.5 GiB free; SDXL LoRA 1024 b4 needs ~26.6 GiB, fits as configured"
+    )
     assert choose(CASES["SD1.5 LoRA 512 b4"], free=None).message == (
         "memory auto: no GPU, nothing to fit (SD1.5 LoRA 512 b4)"
     )
