@@ -29,12 +29,12 @@ def free_gpu_memory(device: torch.device, host: HostHooks) -> int | None:
     fraction. None on the CPU."""
     if device.type != "cuda":
         return None
+    free, total = torch.cuda.mem_get_info(device)
     seen = host.free_vram(device)
     if seen is not None:
-        return int(seen)
-    free, total = torch.cuda.mem_get_info(device)
+        free = seen
     fraction = torch.cuda.get_per_process_memory_fraction(device)
-    if fraction < 1.0:
+    if fraction < 1.0:  # the allocator refuses past fraction × total whatever the driver says
         free = min(free, int(fraction * total) - torch.cuda.memory_reserved(device))
     return max(0, int(free))
 
