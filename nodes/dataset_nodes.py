@@ -69,6 +69,7 @@ _MEMORY_FIELDS = ["arch", "method", "lora_rank", "memory_mode"]
 _MEMORY_OVERRIDES = {
     "arch": {
         "default": "sdxl",
+        "advanced": False,
         "tooltip": "The model family the run will train ('auto': no memory estimate here), for the memory line.",
     },
     "method": {"advanced": True},
