@@ -64,6 +64,9 @@ def test_estimate_parts_follow_each_saver():
         estimate(dataclasses.replace(full, bf16_weights=True, optimizer=OptimizerName.ADAMW_8BIT))["trained"]
         == 6 * n
     )
+    # A full fine-tune that trains SD1.5's CLIP too pays for its parameters the same way.
+    te = FAMILIES[Arch.SD15].text_encoder_params
+    assert estimate(dataclasses.replace(full, train_text_encoder=True))["trained"] == 18 * (n + te)
     # Twice the pixels, twice the activations.
     at_768 = estimate(MemorySettings(Arch.SD15, Method.LORA, 724, 1))["activations"]
     at_512 = estimate(MemorySettings(Arch.SD15, Method.LORA, 512, 1))["activations"]

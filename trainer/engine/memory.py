@@ -135,6 +135,7 @@ class MemorySettings:
     bf16_weights: bool = False
     frozen_on_gpu: bool = False
     use_t5: bool = True
+    train_text_encoder: bool = False
 
     @property
     def micro_batch(self) -> int:
@@ -174,6 +175,8 @@ def estimate(s: MemorySettings) -> dict[str, int]:
         else:
             per_param = 4 + 4 + state + copy_bytes
         trained = fam.denoiser_params * per_param
+        if s.train_text_encoder:  # the CLIP encoders train in full too (never T5)
+            trained += (fam.text_encoder_params - fam.t5_params) * per_param
     per_sample = fam.checkpointed_activation_gib if s.gradient_checkpointing else fam.activation_gib
     pixels = (s.resolution / NATIVE_RESOLUTION[s.arch]) ** 2
     # fp32 activations are twice the bf16 ones.
@@ -321,6 +324,7 @@ def settings_for(config: TrainConfig, arch: Arch, *, frozen_on_gpu: bool = False
         optimizer=config.optimizer,
         frozen_on_gpu=frozen_on_gpu,
         use_t5=config.use_t5,
+        train_text_encoder=config.train_text_encoder,
     )
 
 
