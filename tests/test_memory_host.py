@@ -50,7 +50,9 @@ def test_the_host_hands_the_trainer_free_vram_less_its_own_reserve(fake_mm):
 def test_the_train_node_line_says_what_auto_would_choose_now(fake_mm, monkeypatch):
     preview = import_pack("nodes.memory_preview")
     # The figures below are without bitsandbytes (installed or not here).
-    monkeypatch.setattr(sys.modules[preview.plan_memory.__module__], "bitsandbytes_usable", lambda device: False)
+    monkeypatch.setattr(
+        sys.modules[preview.plan_memory.__module__], "bitsandbytes_usable", lambda device: False
+    )
     lora = TrainConfig(arch="sdxl", batch_size=4)
     assert preview.memory_line(lora) == (
         "memory auto: 10.5 GiB free; SDXL LoRA 1024 b4 needs ~26.6 GiB → gradient checkpointing (~7.9 GiB)"
