@@ -235,6 +235,13 @@ def test_lowest_turns_everything_on_and_off_changes_nothing():
     )
 
 
+def test_fp16_full_fine_tunes_never_get_half_precision_weights():
+    fp16 = dataclasses.replace(CASES["SD1.5 full 512 b4"], precision=Precision.FP16)
+    plan = choose(fp16, free=free_of(16), mode=MemoryMode.LOWEST)
+    assert plan.chosen == [GC, "batch 1 × accumulation 4"]
+    assert not plan.settings.bf16_weights
+
+
 def test_a_card_too_small_is_refused_with_one_sentence():
     with pytest.raises(CardTooSmall) as err:
         choose(CASES["SDXL full 1024 b1"], free=free_of(12))

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..checkpoints import CheckpointStore
-from ..config import MemoryMode, TrainConfig
+from ..config import MemoryMode, Precision, TrainConfig
 from ..data.scan import scan_dataset
 from ..models.bundle import ModelBundle
 from ..options import ConfigError, to_dict, validate
@@ -249,7 +249,9 @@ class _Run:
         self.bundle = bundle
         self.resolution = cfg.native_resolution(bundle.arch)
         chosen = self.memory.settings
-        trainables = prepare_trainables(bundle, cfg, rt, half_weights=chosen.bf16_weights)
+        # bf16 weights only where the run computes in bf16 (a GPU without bf16 falls back to fp16).
+        half = chosen.bf16_weights and rt.precision == Precision.BF16
+        trainables = prepare_trainables(bundle, cfg, rt, half_weights=half)
         self.trainables = trainables
         self.speed = apply_speed(
             bundle.denoiser, cfg, rt.device, cache_dir=cache_root(cfg.output_dir) / "compile"

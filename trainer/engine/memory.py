@@ -431,11 +431,11 @@ def _steps(settings: MemorySettings, *, explicit: set[str], bitsandbytes: bool) 
     if settings.optimizer == OptimizerName.ADAMW and bitsandbytes:
         blocked = "optimizer" if "optimizer" in explicit else ""
         steps.append(("8-bit optimizer state", lambda s: r(s, optimizer=OptimizerName.ADAMW_8BIT), blocked))
-    if settings.precision != Precision.FP32:
-        if settings.method == Method.LORA:
-            steps.append(("fp8 base weights", lambda s: r(s, fp8_base=True), ""))
-        else:
-            steps.append(("bf16 weights", lambda s: r(s, bf16_weights=True), ""))
+    if settings.method == Method.LORA and settings.precision != Precision.FP32:
+        steps.append(("fp8 base weights", lambda s: r(s, fp8_base=True), ""))
+    elif settings.method == Method.FULL and settings.precision == Precision.BF16:
+        # Not fp16: fp16 weights overflow, and the fp16 gradient scaler refuses fp16 gradients.
+        steps.append(("bf16 weights", lambda s: r(s, bf16_weights=True), ""))
     if settings.batch_size > 1:
         blocked = (
             f"gradient_accumulation={settings.gradient_accumulation}"
