@@ -191,7 +191,11 @@ class _TrainNode(io.ComfyNode):
             values=values,
         )
         handle = submit(config)
-        text = f"{_handle_text(handle, cls.METHOD)}\n{memory_line(config)}"
+        # A run that already started says what it chose (and keeps it on resume); a new one, what
+        # it would choose on the GPU as it is now.
+        recorded = handle.run_folder.read().get("memory", {}).get("message")
+        memory = f"{recorded} (chosen when the run started)" if recorded else memory_line(config)
+        text = f"{_handle_text(handle, cls.METHOD)}\n{memory}"
         return io.NodeOutput(handle, text, ui={"text": (text,)})
 
 

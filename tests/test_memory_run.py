@@ -204,3 +204,27 @@ def test_a_card_too_small_is_refused_before_the_model_loads(tmp_path, data, monk
     )
     status = json.loads(RunFolder.for_run(config.output_dir, "tiny").run_json.read_text())["status"]
     assert (status["state"], status["message"]) == ("failed", result.message)
+
+
+def test_a_resumed_run_keeps_the_memory_plan_it_started_with(tmp_path, data, monkeypatch):
+    from trainer.engine.events import Commands
+
+    free = {"bytes": 10 * GiB}
+    monkeypatch.setattr(loop_module, "free_gpu_memory", lambda device, host: free["bytes"])
+    config = tiny_config(tmp_path, data, max_steps=4, epochs=5, batch_size=2, memory_mode="lowest")
+    commands = Commands()
+
+    class StopAt2(Callbacks):
+        def on_progress(self, progress):
+            if progress.step == 2:
+                commands.stop()
+
+    first = train(config, callbacks=StopAt2(), commands=commands, model_loader=loader(), device="cpu")
+    assert (first.state, first.step) == (RunState.STOPPED, 2)
+    folder = RunFolder.for_run(config.output_dir, "tiny")
+    started = json.loads(folder.run_json.read_text())["memory"]
+    free["bytes"] = 3 * GiB  # another card now: the plan recorded at the start still holds
+    again = train(config, resume=True, model_loader=loader(), device="cpu")
+    assert (again.state, again.step) == (RunState.FINISHED, 4), again.message
+    assert json.loads(folder.run_json.read_text())["memory"] == started
+    assert started["settings"]["batch_size"] == 1 and started["settings"]["gradient_accumulation"] == 2

@@ -93,9 +93,7 @@ def plan_memory(
     """
     settings = settings_for(config, arch, frozen_on_gpu=encoders_stay_on_gpu(config))
     if recorded:
-        plan = MemoryPlan.from_dict(recorded, settings)
-        plan.message = f"{plan.message} (as when the run started)"
-        return plan
+        return MemoryPlan.from_dict(recorded, settings)
     return choose(
         settings,
         free=free,
