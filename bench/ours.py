@@ -18,6 +18,7 @@ from torch import nn
 
 from trainer.config import TrainConfig
 from trainer.engine import speed
+from trainer.engine.denoiser import DiffusersDenoiser
 from trainer.engine.graphs import StepGraphs, step_graphs_for
 from trainer.engine.inputs import DenoiserInputs
 from trainer.engine.loop import _Run
@@ -141,14 +142,15 @@ def our_step(
         # No CUDA graphs on the CPU: emulated ones (tests/test_graphs.py) check the plumbing.
         graphs = StepGraphs(denoiser, bundle.arch, trainables.denoiser, autocast_dtype=None, emulate=True)
     # The loop's own step method, on the attributes it reads (see _Run._train_step).
+    model = DiffusersDenoiser(bundle)
+    model.wrapped, model.runtime, model.trainables = denoiser, rt, trainables
     run = SimpleNamespace(
         config=config,
         runtime=rt,
         step=0,
         inputs=_FixedInputs(inputs),
-        denoiser=denoiser,
+        model=model,
         graphs=graphs,
-        bundle=bundle,
         objective=objective,
         noise=torch.Generator(device="cpu").manual_seed(1),
         trainables=trainables,
@@ -169,7 +171,7 @@ def our_step(
     def fwd_bwd() -> None:
         with rt.autocast():
             loss = batch_loss(
-                run.denoiser, bundle.arch, objective, inputs, generator=torch.Generator().manual_seed(2)
+                denoiser, bundle.arch, objective, inputs, generator=torch.Generator().manual_seed(2)
             ).mean()
         loss.backward()
         if graphs is not None:

@@ -308,7 +308,8 @@ class ComfyDenoiser(TrainableDenoiser):
 
     # Setup ------------------------------------------------------------------------------------
 
-    def prepare(self, config: TrainConfig, runtime, *, cache_dir: Path) -> Trainables:
+    def prepare(self, config: TrainConfig, runtime, *, cache_dir: Path, memory=None) -> Trainables:
+        # ComfyUI places this model's weights itself (memory_arch is None): memory is never given.
         from comfy.patcher_extension import PatcherInjection
 
         check_trainable(self.base, config)
@@ -467,9 +468,11 @@ class ComfyDenoiser(TrainableDenoiser):
 
     # Inputs, saving, rendering ----------------------------------------------------------------
 
-    def input_builder(self, config, *, dataset, buckets, device, dtype, trains_text_encoder):
+    def input_builder(self, config, *, dataset, buckets, runtime, park_encoders, on_state, on_move):
         # The MODEL has no file to key a disk cache with: both caches live in memory (off when a
-        # random crop changes the latents every draw).
+        # random crop changes the latents every draw). They fill as steps draw, through the
+        # CLIP and VAE ComfyUI loads and unloads itself: nothing to park.
+        device, dtype = runtime.device, runtime.compute_dtype
         from ..trainer.engine.caching import latents_cacheable
 
         latent_mode = (

@@ -16,20 +16,25 @@ knows nothing of the second one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import nn
 
-from ..config import TrainConfig
+from ..config import DEFAULT_RESOLUTION, Arch, Precision, TrainConfig
 from ..models.bundle import ModelBundle
 from .inputs import DenoiserInputs, InputBuilder
+from .memory import MemorySettings
 from .objectives import NoisedBatch, per_sample_loss
 from .runtime import Runtime
 from .setup import Trainables
 from .step import Objective
+
+log = logging.getLogger("finetune")
 
 
 class TrainableDenoiser:
@@ -40,6 +45,8 @@ class TrainableDenoiser:
         prediction_type: "epsilon", "v_prediction" or "flow".
         source: the file it came from ("" when unknown).
         native_resolution: the default training side when the config gives none.
+        memory_arch: the family ``memory_mode`` can plan for (None: the host places this model's
+            weights itself, and the run plans nothing).
         graphs: CUDA-graph steps (diffusers path only), else None.
     """
 
@@ -47,10 +54,21 @@ class TrainableDenoiser:
     prediction_type: str = "epsilon"
     source: str = ""
     native_resolution: int = 512
+    memory_arch: Arch | None = None
     graphs = None
 
-    def prepare(self, config: TrainConfig, runtime: Runtime, *, cache_dir: Path) -> Trainables:
-        """Add the adapters (or unfreeze), place the weights; returns what the optimizer updates."""
+    def prepare(
+        self,
+        config: TrainConfig,
+        runtime: Runtime,
+        *,
+        cache_dir: Path,
+        memory: MemorySettings | None = None,
+    ) -> Trainables:
+        """Add the adapters (or unfreeze), place the weights; returns what the optimizer updates.
+
+        Called after :meth:`input_builder`. ``memory`` is what ``memory_mode`` chose (None: as
+        configured)."""
         raise NotImplementedError
 
     def objective(self, config: TrainConfig) -> Objective:
@@ -79,10 +97,19 @@ class TrainableDenoiser:
         *,
         dataset,
         buckets: Sequence,
-        device: torch.device,
-        dtype: torch.dtype,
-        trains_text_encoder: bool,
+        runtime: Runtime,
+        park_encoders: bool,
+        on_state: Callable[[str], None],
+        on_move: Callable[[], None],
     ) -> InputBuilder:
+        """The run's inputs (latents and conditioning through this model's VAE and text encoders).
+
+        Args:
+            park_encoders: fill every cache now and keep the encoders off the GPU until a render
+                needs them, where the backend can (its caches can be filled up front).
+            on_state: a status line for the user ("caching latents and captions").
+            on_move: called after the encoders moved between devices (GPU memory changed).
+        """
         raise NotImplementedError
 
     def save_adapter(self, path: Path, *, step: int, epoch: int, ctx) -> Path:
@@ -125,23 +152,38 @@ class DiffusersDenoiser(TrainableDenoiser):
         self.family = bundle.arch.value
         self.prediction_type = bundle.prediction_type
         self.source = bundle.source
+        self.native_resolution = DEFAULT_RESOLUTION[bundle.arch]
+        self.memory_arch = bundle.arch
         self.trainables: Trainables | None = None
         self.speed = None
         self.graphs = None
+        self.parking = None
         self.wrapped: nn.Module = bundle.denoiser
         self.runtime: Runtime | None = None
 
-    def prepare(self, config: TrainConfig, runtime: Runtime, *, cache_dir: Path) -> Trainables:
+    def prepare(
+        self,
+        config: TrainConfig,
+        runtime: Runtime,
+        *,
+        cache_dir: Path,
+        memory: MemorySettings | None = None,
+    ) -> Trainables:
+        from .fp8 import store_fp8
         from .graphs import step_graphs_for
         from .setup import prepare_trainables
         from .speed import apply as apply_speed
 
         bundle = self.bundle
         self.runtime = runtime
-        self.native_resolution = config.native_resolution(bundle.arch)
-        trainables = prepare_trainables(bundle, config, runtime)
+        # bf16 weights only where the run computes in bf16 (a GPU without bf16 falls back to fp16).
+        half = memory is not None and memory.bf16_weights and runtime.precision == Precision.BF16
+        trainables = prepare_trainables(bundle, config, runtime, half_weights=half, frozen_placed=True)
         self.trainables = trainables
         self.speed = apply_speed(bundle.denoiser, config, runtime.device, cache_dir=cache_dir)
+        if memory is not None and memory.fp8_base and runtime.device.type == "cuda":
+            layers = store_fp8(bundle.denoiser, compute_dtype=runtime.compute_dtype)
+            log.info("finetune: %d base layers stored in fp8", layers)
         self.graphs = step_graphs_for(
             bundle.denoiser,
             bundle.arch,
@@ -170,18 +212,46 @@ class DiffusersDenoiser(TrainableDenoiser):
 
         return denoise(self.wrapped, self.bundle.arch, noised, inputs)
 
-    def input_builder(self, config, *, dataset, buckets, device, dtype, trains_text_encoder):
+    def input_builder(self, config, *, dataset, buckets, runtime, park_encoders, on_state, on_move):
         from .inputs import input_builder_for
+        from .setup import place_frozen, trainable_text_slots
 
-        return input_builder_for(
+        bundle = self.bundle
+        # The caches are filled before the denoiser goes to the GPU, so the encoders never share
+        # it with the denoiser unless a draw still needs them (see :mod:`.offload`).
+        place_frozen(bundle, runtime, device=torch.device("cpu") if park_encoders else runtime.device)
+        inputs = input_builder_for(
             config,
-            bundle=self.bundle,
+            bundle=bundle,
             dataset=dataset,
             buckets=buckets,
-            device=device,
-            dtype=dtype,
-            trains_text_encoder=trains_text_encoder,
+            device=runtime.device,
+            dtype=runtime.compute_dtype,
+            trains_text_encoder=bool(trainable_text_slots(bundle, config)),
         )
+        if park_encoders:
+            self._cache_and_park(inputs, runtime.device, on_state=on_state, on_move=on_move)
+        return inputs
+
+    def _cache_and_park(self, inputs: InputBuilder, device: torch.device, *, on_state, on_move) -> None:
+        """Fill the caches with the encoders on the GPU, then park the idle ones on the CPU (the
+        others go to the GPU for good). ``place_frozen`` left them all on the CPU."""
+        from .offload import Parking, frozen_to_park
+
+        bundle = self.bundle
+        modules = frozen_to_park(
+            bundle, latents_cached=inputs.latent_store.enabled, text_cached=inputs.text_store.enabled
+        )
+        for module in bundle.frozen_modules():
+            if all(module is not m for m in modules.values()):
+                module.to(device=device)  # still needed during steps
+        self.parking = Parking(modules, device, on_move=on_move)
+        self.parking.parked = True
+        if modules:
+            on_state("caching latents and captions")
+            with self.parking.borrowed():
+                latents, texts = inputs.fill_caches()
+            log.info("finetune: cached %d latents and %d captions before the first step", latents, texts)
 
     def save_adapter(self, path: Path, *, step: int, epoch: int, ctx) -> Path:
         from .saving import save_checkpoint
@@ -198,14 +268,15 @@ class DiffusersDenoiser(TrainableDenoiser):
     def render(self, prompts, *, config, runtime, resolution):
         from .validation import render_prompts
 
-        return render_prompts(
-            self.bundle,
-            runtime.unwrap(self.wrapped),
-            prompts=prompts,
-            config=config,
-            runtime=runtime,
-            resolution=resolution,
-        )
+        with self.parking.borrowed() if self.parking is not None else contextlib.nullcontext():
+            return render_prompts(
+                self.bundle,
+                runtime.unwrap(self.wrapped),
+                prompts=prompts,
+                config=config,
+                runtime=runtime,
+                resolution=resolution,
+            )
 
     def sync_module(self) -> nn.Module | None:
         return self.wrapped

@@ -1,10 +1,12 @@
 """The training loop: ``train(config) -> RunResult``.
 
 Order of a run: check and ready the run folder (see :mod:`.resume`: a refused resume writes
-nothing, stale temporaries go, the config is recorded) -> free host memory -> load the model -> add
-LoRA or unfreeze -> scan the dataset, assign buckets, make the plan, write run.json -> caches ->
-(validation at step 0) -> steps, with checkpoints, resume state, pruning and validation on their
-cadences -> the final checkpoint.
+nothing, stale temporaries go, the config is recorded) -> free host memory -> fit the card
+(``memory_mode``: read the free VRAM, choose the memory savers, or refuse a card too small, see
+:mod:`.fitting`) -> load the model -> scan the dataset, assign buckets, make the plan -> the inputs
+(a file-loaded model fills its caches here, after which its VAE and text encoders leave the GPU,
+:mod:`.offload`) -> add LoRA or unfreeze -> write run.json -> (validation at step 0) -> steps, with
+checkpoints, resume state, pruning and validation on their cadences -> the final checkpoint.
 
 The loop talks to the model only through :class:`.denoiser.TrainableDenoiser` (prepare,
 objective, predict, inputs, save, render): a diffusers model loaded from a file, or a model the host
@@ -17,6 +19,7 @@ host (ComfyUI) is busy. Every failure ends the run with one clear message (see
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..checkpoints import CheckpointStore
-from ..config import TrainConfig
+from ..config import MemoryMode, TrainConfig
 from ..models.bundle import ModelBundle
 from ..options import to_dict, validate
 from ..planning import plan_run, scan_for_run
@@ -40,8 +43,10 @@ from .caching import cache_root
 from .denoiser import TrainableDenoiser, as_trainable
 from .events import Callbacks, Commands, FanOutCallbacks, HostHooks, Progress, RunState
 from .failures import NonFiniteLoss, RunRefused, failure_message, is_oom, writing
+from .fitting import free_gpu_memory, peek_arch, plan_memory
 from .graphs import skips_on_device
 from .inputs import Prefetcher
+from .memory import MemoryPlan
 from .optim import OptimizerSettings, build_optimizer, build_schedule, param_groups
 from .resume import check_start, prepare_folder
 from .runtime import Runtime
@@ -143,6 +148,8 @@ class _Run:
 
     def __init__(self, config, *, callbacks, commands, host, resume, device, model_loader):
         self.config: TrainConfig = config
+        self.user_config: TrainConfig = config  # what run.json records; self.config is what trains
+        self.memory: MemoryPlan | None = None
         self.cb = FanOutCallbacks(callbacks) if callbacks is not None else FanOutCallbacks()
         self.commands: Commands = commands
         self.host: HostHooks = host
@@ -238,23 +245,49 @@ class _Run:
         self._status(RunState.RUNNING, "loading the model")
 
         self.host.free_memory()
+        resuming = state_path is not None
+        arch = peek_arch(cfg)
+        if arch is not None:  # refuse a card too small before loading anything
+            cfg = self._fit(arch, resuming=resuming)
         self.model = model = as_trainable((self.model_loader or load_model)(cfg))
-        trainables = model.prepare(cfg, rt, cache_dir=cache_root(cfg.output_dir) / "compile")
-        self.trainables = trainables
-        self.graphs = model.graphs
+        if self.memory is None and model.memory_arch is not None:
+            cfg = self._fit(model.memory_arch, resuming=resuming)
         self.resolution = cfg.resolution or model.native_resolution
-        self._reserve()
 
         dataset = scan_for_run(cfg, self.resolution)
         run_plan = plan_run(cfg, dataset, resolution=self.resolution, num_processes=rt.world_size)
         buckets, plan = run_plan.item_buckets, run_plan.plan
         self.dataset, self.buckets, self.plan = dataset, buckets, plan
+        # Inputs before the denoiser reaches the GPU: a model whose caches can be filled up front
+        # does so here, and its VAE and text encoders (SD3's T5 alone is 8.9 GiB) then wait on the
+        # CPU for validation renders instead of sharing the GPU with the steps.
+        self.inputs = model.input_builder(
+            cfg,
+            dataset=dataset,
+            buckets=buckets,
+            runtime=rt,
+            park_encoders=not self._keeps_encoders(),
+            on_state=lambda message: self.cb.on_state(self.name, RunState.RUNNING, message),
+            on_move=self._reserve,
+        )
+        trainables = model.prepare(
+            cfg,
+            rt,
+            cache_dir=cache_root(cfg.output_dir) / "compile",
+            memory=self.memory.settings if self.memory is not None else None,
+        )
+        self.trainables = trainables
+        self.graphs = model.graphs
+        self._reserve()
+
         started_at = time.time()
         if rt.is_main:
             previous = self.folder.read()
-            started_at = previous.get("started_at", started_at) if state_path is not None else started_at
+            started_at = previous.get("started_at", started_at) if resuming else started_at
+            fitted = {"memory": self.memory.to_dict()} if self.memory is not None else {}
             self.folder.update(
-                config=to_dict(cfg),
+                config=to_dict(self.user_config),
+                **fitted,
                 plan=plan.to_dict(),
                 versions=library_versions(),
                 started_at=started_at,
@@ -294,14 +327,6 @@ class _Run:
         random.seed(cfg.seed + rt.rank)
         self.noise = torch.Generator(device="cpu")
 
-        self.inputs = model.input_builder(
-            cfg,
-            dataset=dataset,
-            buckets=buckets,
-            device=rt.device,
-            dtype=rt.compute_dtype,
-            trains_text_encoder=bool(trainables.text_encoder_slots),
-        )
         self.prefetch = Prefetcher(self.inputs, workers=cfg.dataloader_workers)
         self.ckpt_ctx = CheckpointContext(
             config=cfg,
@@ -330,12 +355,29 @@ class _Run:
             log.info(
                 "finetune: run %s resumes at step %d (epoch %d)", self.name, position.step, position.epoch
             )
-        self._status(
-            RunState.RUNNING, f"resumed at step {self.step}" if self.step else "", total=plan.total_steps
-        )
+        resumed = f"resumed at step {self.step}" if self.step else ""
+        fitted = self.memory.message if self.memory is not None else ""
+        self._status(RunState.RUNNING, "; ".join(m for m in (resumed, fitted) if m), total=plan.total_steps)
         if self.step == 0 and cfg.validation_at_start and cfg.validation_prompts:
             self._validate(0)
         return self._loop(position)
+
+    def _fit(self, arch, *, resuming: bool) -> TrainConfig:
+        """Choose the memory plan (the recorded one on resume) and return the config to train with."""
+        cfg = self.user_config
+        recorded = self.folder.read().get("memory") if resuming else None
+        if resuming and not recorded:  # a run from before memory_mode: keep its settings exactly
+            cfg = dataclasses.replace(cfg, memory_mode=MemoryMode.OFF)
+        free = free_gpu_memory(self.runtime.device, self.host)
+        self.memory = plan_memory(cfg, arch, free=free, device=self.runtime.device, recorded=recorded)
+        log.info("finetune: run %s: %s", self.name, self.memory.message)
+        self.config = self.memory.apply(self.user_config)
+        return self.config
+
+    def _keeps_encoders(self) -> bool:
+        """Whether the VAE and text encoders simply stay on the GPU (memory_mode off, and several
+        processes, whose ranks filling one disk cache at once would race on its files)."""
+        return self.config.memory_mode == MemoryMode.OFF or self.runtime.distributed
 
     # -------------------------------------------------------------------------------------------
     # The loop
