@@ -27,11 +27,12 @@ from .types import FtDataset
 
 DISPLAY = "Train LoRA (Model)"
 # Options that only mean something when the trainer loads a file with diffusers (or that this path
-# does not offer yet): not shown, left at their defaults.
+# does not offer yet; ComfyUI places the MODEL's weights itself, so memory_mode plans nothing
+# here): not shown, left at their defaults.
 _FILE_ONLY = {
     "arch", "allow_pickle", "train_text_encoder", "text_encoder_lr", "prediction_type", "flow_shift", "use_t5",
     "t5_max_length", "compile", "channels_last", "cuda_graphs", "allow_tf32", "cudnn_benchmark",
-    "cache_latents", "cache_text", "gradient_checkpointing",
+    "cache_latents", "cache_text", "gradient_checkpointing", "memory_mode",
 }  # fmt: skip
 _COMMON = [
     "run_name", "lora_rank", "lora_alpha", "lora_targets", "learning_rate", "lr_scheduler", "lr_warmup",

@@ -266,6 +266,7 @@ def test_every_seed_of_the_pack_starts_fixed():
         ("FinetuneSaveDataset", "seed"): "fixed",
         ("FinetuneTrainFull", "seed"): "fixed",
         ("FinetuneTrainLoRA", "seed"): "fixed",
+        ("FinetuneTrainLoRAModel", "seed"): "fixed",
     }
 
 
