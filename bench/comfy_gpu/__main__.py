@@ -47,9 +47,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--prompts", type=int, default=10, help="txt2img prompts queued during run (b)")
     r.add_argument("--render-steps", type=int, default=20)
     r.add_argument("--smoke", action="store_true", help="CPU ComfyUI, 64 px, a few steps (no GPU)")
-    r.add_argument("--comfy", default=None, help="a ComfyUI checkout (default: unpack .comfy_gpu/comfyui.tar.gz)")
+    r.add_argument(
+        "--comfy", default=None, help="a ComfyUI checkout (default: unpack .comfy_gpu/comfyui.tar.gz)"
+    )
     r.add_argument("--python", default=None, help="the server's python (default: this one)")
-    r.add_argument("--workdir", default="/tmp/comfy_gpu", help="servers' folders, models, the unpacked ComfyUI")
+    r.add_argument(
+        "--workdir", default="/tmp/comfy_gpu", help="servers' folders, models, the unpacked ComfyUI"
+    )
     r.add_argument("--model-cache", default=None, help="folder of built checkpoints (<arch>.safetensors)")
     r.add_argument("--out", default=None, help="folder for table.md, rows.json and the server logs")
     r.add_argument("--timeout", type=float, default=1200.0, help="seconds for one run or prompt")
@@ -77,10 +81,14 @@ def settings_for(args: argparse.Namespace) -> Settings:
             steps=args.steps or 4, prompts=min(args.prompts, 2), render_steps=2, render_size=64,
             idle_renders=1, warm_fraction=0.25, images=3, timeout=args.timeout, smoke=True,
         )  # fmt: skip
-    return Settings(steps=args.steps, prompts=args.prompts, render_steps=args.render_steps, timeout=args.timeout)
+    return Settings(
+        steps=args.steps, prompts=args.prompts, render_steps=args.render_steps, timeout=args.timeout
+    )
 
 
-def build_models(archs: set[str], cache: Path, comfy: Path, python: str, site: Path | None) -> dict[str, Path]:
+def build_models(
+    archs: set[str], cache: Path, comfy: Path, python: str, site: Path | None
+) -> dict[str, Path]:
     """Real-size random-weight checkpoints built with ComfyUI's classes, one per arch (cached)."""
     cache.mkdir(parents=True, exist_ok=True)
     out = {}
@@ -92,7 +100,9 @@ def build_models(archs: set[str], cache: Path, comfy: Path, python: str, site: P
                 **os.environ,
                 "COMFYUI_PATH": str(comfy),
                 "FINETUNE_COMPAT_THREADS": str(os.cpu_count() or 1),
-                "PYTHONPATH": os.pathsep.join(p for p in (str(site) if site else "", os.environ.get("PYTHONPATH", "")) if p),
+                "PYTHONPATH": os.pathsep.join(
+                    p for p in (str(site) if site else "", os.environ.get("PYTHONPATH", "")) if p
+                ),
             }
             subprocess.run(
                 [python, str(ROOT / "tests" / "comfy_models.py"), "build", "--arch", arch, "--out", str(path)],
@@ -139,7 +149,9 @@ def run(args: argparse.Namespace) -> int:
         target.symlink_to(models[scenario.arch])
         size = settings.render_size or scenario.resolution
         write_dataset(base / "input" / DATASET_FOLDER, size=size, count=settings.images)
-        print(f"== {scenario.name}: card {card_gib:g} GiB, {settings.steps or scenario.steps} steps", flush=True)
+        print(
+            f"== {scenario.name}: card {card_gib:g} GiB, {settings.steps or scenario.steps} steps", flush=True
+        )
         server = srv.start(
             comfy, python, base, card_gib=card_gib, site=site, cpu=args.smoke, hook_dir=workdir / "hook",
             extra_env={"TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor")},

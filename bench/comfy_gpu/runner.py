@@ -120,7 +120,12 @@ def loss_gap(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, fl
     if not common:
         return math.nan, math.nan, math.nan, 0
     rel = [abs(a[s] - b[s]) / max(abs(a[s]), 1e-12) for s in common]
-    return max(rel), statistics.fmean(a[s] for s in common), statistics.fmean(b[s] for s in common), len(common)
+    return (
+        max(rel),
+        statistics.fmean(a[s] for s in common),
+        statistics.fmean(b[s] for s in common),
+        len(common),
+    )
 
 
 def count_ooms(text: str) -> int:
@@ -247,7 +252,9 @@ class ScenarioRunner:
     def sweep_and_stock(self) -> None:
         run = self.row.alone.name if self.row.alone else f"{self.s.name}-a"
         before = self.server.log_text().count(LORA_NOT_LOADED)
-        _, error = self._wait_render(self.server.queue(sweep_prompt(self.s.arch, run, size=self.size, steps=self.cfg.render_steps)))
+        _, error = self._wait_render(
+            self.server.queue(sweep_prompt(self.s.arch, run, size=self.size, steps=self.cfg.render_steps))
+        )
         checkpoints = self.server.get(f"/finetune/runs/{run}/checkpoints")["checkpoints"]
         self.row.sweep = f"error: {error}" if error else f"ok ({len(checkpoints)} checkpoints + base)"
         ok = 0
@@ -264,7 +271,9 @@ class ScenarioRunner:
 
     def uncapped_twin(self) -> None:
         if self.card_gib and not self.cfg.smoke:
-            self.row.notes.append("uncapped twin: " + card.describe(self.server.post("/harness/card", {"gib": 0})))
+            self.row.notes.append(
+                "uncapped twin: " + card.describe(self.server.post("/harness/card", {"gib": 0}))
+            )
         self.vram.reset()
         self.row.uncapped = self._collect(self._train(f"{self.s.name}-u"))
 
@@ -280,7 +289,9 @@ class ScenarioRunner:
                 fn()
             except Exception as e:  # one failing part is a note of the row, the others still run
                 log.exception("%s: part %s failed", self.s.name, name)
-                self.row.notes.append(f"part {name} failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+                self.row.notes.append(
+                    f"part {name} failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                )
             log.info("%s: part %s took %.0f s", self.s.name, name, time.monotonic() - t0)
         self.row.ooms = count_ooms(self.server.log_text()[log_start:])
         self.vram.stop()

@@ -161,7 +161,13 @@ def txt2img_prompt(
     if lora is not None:
         prompt["10"] = {
             "class_type": "LoraLoader",
-            "inputs": {"model": model, "clip": clip, "lora_name": lora, "strength_model": 1.0, "strength_clip": 1.0},
+            "inputs": {
+                "model": model,
+                "clip": clip,
+                "lora_name": lora,
+                "strength_model": 1.0,
+                "strength_clip": 1.0,
+            },
         }
         model, clip = ["10", 0], ["10", 1]
     if unet is not None:
@@ -176,8 +182,15 @@ def txt2img_prompt(
             "5": {
                 "class_type": "KSampler",
                 "inputs": {
-                    "model": model, "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
-                    "seed": seed, "steps": steps, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
+                    "model": model,
+                    "positive": ["2", 0],
+                    "negative": ["3", 0],
+                    "latent_image": ["4", 0],
+                    "seed": seed,
+                    "steps": steps,
+                    "cfg": 7.0,
+                    "sampler_name": "euler",
+                    "scheduler": "normal",
                     "denoise": 1.0,
                 },
             },  # fmt: skip
@@ -215,5 +228,7 @@ def select(names: str) -> list[Scenario]:
     wanted = list(SCENARIOS) if names.strip() == "all" else [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in SCENARIOS]
     if unknown or not wanted:
-        raise SystemExit(f"--scenarios: unknown {unknown or names!r}; choose from {', '.join(SCENARIOS)} or all")
+        raise SystemExit(
+            f"--scenarios: unknown {unknown or names!r}; choose from {', '.join(SCENARIOS)} or all"
+        )
     return [SCENARIOS[n] for n in wanted]

@@ -79,7 +79,9 @@ class Server:
             with urllib.request.urlopen(request, timeout=120) as resp:
                 body = resp.read()
         except urllib.error.HTTPError as e:
-            raise RuntimeError(f"POST {path} -> HTTP {e.code}: {e.read().decode(errors='replace')[:3000]}") from None
+            raise RuntimeError(
+                f"POST {path} -> HTTP {e.code}: {e.read().decode(errors='replace')[:3000]}"
+            ) from None
         return json.loads(body) if body else None
 
     def queue(self, prompt: dict) -> str:
@@ -106,9 +108,13 @@ class Server:
                     continue
                 except (OSError, websocket.WebSocketException):
                     return
-                if isinstance(raw, str):
+                if not isinstance(raw, str) or not raw:
+                    continue  # binary frames are previews; an empty one comes at close
+                try:
                     msg = json.loads(raw)
-                    self.events.append((time.monotonic(), msg.get("type"), msg.get("data") or {}))
+                except ValueError:
+                    continue
+                self.events.append((time.monotonic(), msg.get("type"), msg.get("data") or {}))
 
         self._thread = threading.Thread(target=pump, daemon=True, name="harness-ws")
         self._thread.start()
@@ -123,7 +129,9 @@ class Server:
             if kind == "execution_start":
                 start = t
             elif kind == "execution_error":
-                error = f"{data.get('exception_type')}: {str(data.get('exception_message', '')).strip()[:300]}"
+                error = (
+                    f"{data.get('exception_type')}: {str(data.get('exception_message', '')).strip()[:300]}"
+                )
                 end = t
             elif kind == "executing" and data.get("node") is None:
                 end = t
@@ -227,7 +235,9 @@ def start(
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             if time.monotonic() > deadline:
                 server.stop()
-                raise RuntimeError(f"ComfyUI did not answer within {START_TIMEOUT_S:.0f} s:\n{server.tail()}") from None
+                raise RuntimeError(
+                    f"ComfyUI did not answer within {START_TIMEOUT_S:.0f} s:\n{server.tail()}"
+                ) from None
             time.sleep(0.5)
         except urllib.error.HTTPError:
             time.sleep(0.5)

@@ -77,16 +77,24 @@ def markdown(rows: list[Row]) -> str:
 
 def targets(row: Row) -> list[str]:
     """Issue 14's targets for one row: 'met', 'MISSED' or 'n/a' each, with the numbers."""
-    out = [f"no OOM: {'met' if row.ooms == 0 and not row.render_errors else 'MISSED'} ({row.ooms} in the log, {len(row.render_errors)} prompt errors)"]
+    out = [
+        f"no OOM: {'met' if row.ooms == 0 and not row.render_errors else 'MISSED'} ({row.ooms} in the log, {len(row.render_errors)} prompt errors)"
+    ]
     grow, allowed = growth(row)
     if not math.isnan(grow):
-        out.append(f"wall growth <= renders + 5 %: {'met' if grow <= allowed else 'MISSED'} ({grow:.1f} <= {allowed:.1f} s)")
+        out.append(
+            f"wall growth <= renders + 5 %: {'met' if grow <= allowed else 'MISSED'} ({grow:.1f} <= {allowed:.1f} s)"
+        )
     if row.render_during_s and not math.isnan(row.idle_render_s):
         worst = max(row.render_during_s[: max(1, row.renders_in_run)])
         ratio = worst / row.idle_render_s
-        out.append(f"render during run <= 1.25x idle: {'met' if ratio <= 1.25 else 'MISSED'} (worst {ratio:.2f}x)")
+        out.append(
+            f"render during run <= 1.25x idle: {'met' if ratio <= 1.25 else 'MISSED'} (worst {ratio:.2f}x)"
+        )
     if row.sweep:
-        out.append(f"zero 'lora key not loaded': {'met' if row.lora_not_loaded == 0 else 'MISSED'} ({row.lora_not_loaded})")
+        out.append(
+            f"zero 'lora key not loaded': {'met' if row.lora_not_loaded == 0 else 'MISSED'} ({row.lora_not_loaded})"
+        )
     return out
 
 
