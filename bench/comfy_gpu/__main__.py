@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--model-cache", default=None, help="folder of built checkpoints (<arch>.safetensors)")
     r.add_argument("--out", default=None, help="folder for table.md, rows.json and the server logs")
     r.add_argument("--timeout", type=float, default=1200.0, help="seconds for one run or prompt")
+    r.add_argument(
+        "--prebuild", default="", help="comma list of archs to build in the background for a later call (sdxl,sd3)"
+    )
     args = p.parse_args(argv)
     if args.command == "run":
         if args.card_gib is not None and args.card_gib < 0:
@@ -136,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
     python = args.python or sys.executable
     cache = Path(args.model_cache) if args.model_cache else workdir / "models"
     models = build_models({s.arch for s in scenarios}, cache, comfy, python, site)
+    if args.prebuild:
+        prebuild([a for a in args.prebuild.split(",") if a in MODEL_FILES], cache, comfy, python, site)
     settings = settings_for(args)
     rows = []
     from . import server as srv
