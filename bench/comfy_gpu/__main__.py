@@ -58,7 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--out", default=None, help="folder for table.md, rows.json and the server logs")
     r.add_argument("--timeout", type=float, default=1200.0, help="seconds for one run or prompt")
     r.add_argument(
-        "--prebuild", default="", help="comma list of archs to build in the background for a later call (sdxl,sd3)"
+        "--prebuild",
+        default="",
+        help="comma list of archs to build in the background for a later call (sdxl,sd3)",
     )
     args = p.parse_args(argv)
     if args.command == "run":
@@ -89,6 +91,19 @@ def settings_for(args: argparse.Namespace) -> Settings:
     )
 
 
+def _build_command(arch: str, path: Path, comfy: Path, python: str, site: Path | None) -> tuple[list, dict]:
+    paths = [str(site)] if site else []
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    env = {
+        **os.environ,
+        "COMFYUI_PATH": str(comfy),
+        "FINETUNE_COMPAT_THREADS": str(os.cpu_count() or 1),
+        "PYTHONPATH": os.pathsep.join(paths),
+    }
+    return [python, str(ROOT / "tests" / "comfy_models.py"), "build", "--arch", arch, "--out", str(path)], env
+
+
 def build_models(
     archs: set[str], cache: Path, comfy: Path, python: str, site: Path | None
 ) -> dict[str, Path]:
@@ -99,21 +114,25 @@ def build_models(
         path = cache / f"{arch}.safetensors"
         if not path.is_file():
             t0 = time.monotonic()
-            env = {
-                **os.environ,
-                "COMFYUI_PATH": str(comfy),
-                "FINETUNE_COMPAT_THREADS": str(os.cpu_count() or 1),
-                "PYTHONPATH": os.pathsep.join(
-                    p for p in (str(site) if site else "", os.environ.get("PYTHONPATH", "")) if p
-                ),
-            }
-            subprocess.run(
-                [python, str(ROOT / "tests" / "comfy_models.py"), "build", "--arch", arch, "--out", str(path)],
-                cwd=comfy, env=env, check=True,
-            )  # fmt: skip
+            cmd, env = _build_command(arch, path, comfy, python, site)
+            subprocess.run(cmd, cwd=comfy, env=env, check=True)
             log.info("built %s in %.0f s", path.name, time.monotonic() - t0)
         out[arch] = path
     return out
+
+
+def prebuild(archs: list[str], cache: Path, comfy: Path, python: str, site: Path | None) -> None:
+    """Start building ``archs`` in the background, in their own session so that they outlive this
+    command (a later device call on the same machine finds them; the writes are atomic)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    for arch in archs:
+        path = cache / f"{arch}.safetensors"
+        if not path.is_file():
+            cmd, env = _build_command(arch, path, comfy, python, site)
+            with open(cache / f"{arch}.build.log", "wb") as f:
+                subprocess.Popen(
+                    cmd, cwd=comfy, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+                )
 
 
 def _install(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path | None]:
