@@ -144,6 +144,8 @@ def training_prompt(
             for key in ("batch_size", "max_steps", "resolution", "checkpoint_every", "validation_every"):
                 if key in other["inputs"] and key in inputs:
                     other["inputs"][key] = inputs[key]
+            if "method" in other["inputs"]:
+                other["inputs"]["method"] = "lora" if node["class_type"] == "FinetuneTrainLoRA" else "full"
     return prompt
 
 
