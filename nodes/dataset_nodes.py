@@ -19,7 +19,7 @@ import os
 
 from comfy_api.latest import io, ui
 
-from ..trainer.config import CaptionPolicy, DatasetPart, DatasetSource, DatasetSpec, TrainConfig
+from ..trainer.config import Arch, CaptionPolicy, DatasetPart, DatasetSource, DatasetSpec, TrainConfig
 from ..trainer.data.materialize import save_dataset
 from ..trainer.data.preview import dataset_summary, preview_samples, problems_report
 from ..trainer.data.scan import ScannedDataset, scan_dataset
@@ -28,6 +28,7 @@ from ..trainer.planning import plan_run
 from ..trainer.strip import labeled_strip
 from . import host
 from .images import pil_to_image
+from .memory_preview import memory_line
 from .types import CATEGORY, FtDataset
 from .widgets import inputs_for, values_to_config
 
@@ -63,6 +64,18 @@ _PLAN_OVERRIDES = {
     }
 }
 _CADENCE_FIELDS = ["checkpoint_every", "validation_every", "lr_warmup"]
+# What memory_mode needs to know besides the plan (the model is not connected here).
+_MEMORY_FIELDS = ["arch", "method", "lora_rank", "memory_mode"]
+_MEMORY_OVERRIDES = {
+    "arch": {
+        "default": "sdxl",
+        "advanced": False,
+        "tooltip": "The model family the run will train ('auto': no memory estimate here), for the memory line.",
+    },
+    "method": {"advanced": True},
+    "lora_rank": {"advanced": True},
+    "memory_mode": {"advanced": False},
+}
 _MAX_EXTRA_MERGE_INPUTS = 4
 
 
@@ -374,14 +387,19 @@ class StepPlanNode(io.ComfyNode):
             category=DATASET_CATEGORY,
             description="steps per epoch = ceil(images x repeats / (batch x GPUs) / accumulation); total = steps per "
             "epoch x epochs (or max_steps), counted per aspect bucket as the trainer does (a batch never mixes "
-            "buckets). Cadences left at 0 default from the plan.",
+            "buckets). Cadences left at 0 default from the plan. The last line says what memory_mode would "
+            "choose on this GPU now.",
             inputs=[
                 _dataset_input(),
                 *inputs_for(TrainConfig, [*_PLAN_FIELDS, *_CADENCE_FIELDS], overrides=_PLAN_OVERRIDES),
                 _num_processes_input(),
+                *inputs_for(TrainConfig, _MEMORY_FIELDS, overrides=_MEMORY_OVERRIDES),
             ],
             outputs=[
-                io.String.Output("summary", tooltip="The plan in one paragraph."),
+                io.String.Output(
+                    "summary",
+                    tooltip="The plan in one paragraph, then what memory_mode would choose on this GPU now.",
+                ),
                 io.Int.Output("steps_per_epoch", tooltip="Optimizer steps per epoch."),
                 io.Int.Output("total_steps", tooltip="Optimizer steps of the whole run."),
                 io.Int.Output(
@@ -398,7 +416,10 @@ class StepPlanNode(io.ComfyNode):
     @classmethod
     def execute(cls, dataset: DatasetSpec, num_processes: int, **values) -> io.NodeOutput:
         plan = _plan_for(scan_dataset(dataset), values, node="Step Plan", num_processes=num_processes)
-        summary = plan.describe()
+        config = values_to_config(TrainConfig, values, node="Step Plan")
+        auto = config.arch == Arch.AUTO
+        memory = "memory: choose arch to see what memory_mode picks" if auto else memory_line(config)
+        summary = f"{plan.describe()}\n{memory}"
         return io.NodeOutput(
             summary, plan.steps_per_epoch, plan.total_steps, plan.checkpoint_every, plan.validation_every,
             plan.warmup_steps, ui={"text": (summary,)},

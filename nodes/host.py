@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 
 from ..trainer.engine.events import HostHooks
 
@@ -291,6 +292,21 @@ class ComfyHostHooks(HostHooks):
             "finetune: ComfyUI now keeps %.0f MiB of VRAM free for training", mm.EXTRA_RESERVED_VRAM / 2**20
         )
 
+    def free_vram(self, device) -> int | None:
+        """Free VRAM on ``device`` less what ComfyUI keeps free for itself (its own
+        ``EXTRA_RESERVED_VRAM``, e.g. ``--reserve-vram``; not what trainers added to it)."""
+        import comfy.model_management as mm
+
+        if getattr(device, "type", "") != "cuda":
+            return None
+        with self._lock:
+            kept = (
+                self._original_reserved
+                if self._original_reserved is not None
+                else int(mm.EXTRA_RESERVED_VRAM)
+            )
+        return max(0, int(mm.get_free_memory(device)) - kept)
+
     def is_busy(self) -> bool:
         server = prompt_server()
         queue = getattr(server, "prompt_queue", None)
@@ -301,6 +317,19 @@ class ComfyHostHooks(HostHooks):
         else:
             running, _ = queue.get_current_queue()
         return bool(running)
+
+
+def vram_for_a_new_run() -> tuple[Any, int | None]:
+    """ComfyUI's compute device and the VRAM a run starting now could use: what is free, plus
+    what unloading ComfyUI's models (as a run's start does) would free, less ComfyUI's own reserve.
+    None for the VRAM when ComfyUI computes on the CPU."""
+    import comfy.model_management as mm
+
+    device = mm.get_torch_device()
+    if getattr(device, "type", "") != "cuda":
+        return device, None
+    loaded = sum(m.model_loaded_memory() for m in mm.current_loaded_models if m.device == device)
+    return device, max(0, int(mm.get_free_memory(device)) + int(loaded) - int(mm.EXTRA_RESERVED_VRAM))
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from ..trainer.runfolder import RunPathError, sanitize_run_name
 from ..trainer.runs import RunHandle, RunInfo, RunNotFound, RunStateError
 from . import host
 from .images import pil_to_image
+from .memory_preview import memory_line
 from .types import CATEGORY, FtDataset, FtRun
 from .widgets import inputs_for, values_to_config, widget_names
 
@@ -190,7 +191,7 @@ class _TrainNode(io.ComfyNode):
             values=values,
         )
         handle = submit(config)
-        text = _handle_text(handle, cls.METHOD)
+        text = f"{_handle_text(handle, cls.METHOD)}\n{memory_line(config)}"
         return io.NodeOutput(handle, text, ui={"text": (text,)})
 
 
@@ -200,7 +201,9 @@ def _train_outputs() -> list[io.Output]:
             "run", tooltip="The run (name and folder), for Run Status, Stop Run and checkpoint sweeps."
         ),
         io.String.Output(
-            "message", tooltip="What happened: queued, already running, resumed or already finished."
+            "message",
+            tooltip="What happened: queued, already running, resumed or already finished; and what memory_mode "
+            "would choose on this GPU now (the run chooses again when it starts and records it in run.json).",
         ),
     ]
 

@@ -30,7 +30,7 @@ DATASET_INPUTS = {
     ],
     "FinetuneStepPlan": [
         "dataset", "batch_size", "gradient_accumulation", "epochs", "max_steps", "resolution", "buckets", "checkpoint_every", "validation_every",
-        "lr_warmup", "num_processes",
+        "lr_warmup", "num_processes", "arch", "method", "lora_rank", "memory_mode",
     ],
     "FinetuneSaveDataset": ["dataset", "folder", "seed", "overwrite"],
 }  # fmt: skip

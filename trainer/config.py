@@ -90,6 +90,14 @@ class FlowLossWeighting(str, Enum):
     COSMAP = "cosmap"
 
 
+class MemoryMode(str, Enum):
+    """How a run fits the GPU (see ``trainer/engine/memory.py``)."""
+
+    AUTO = "auto"
+    LOWEST = "lowest"
+    OFF = "off"
+
+
 class OnProblem(str, Enum):
     STOP = "stop"
     SKIP = "skip"
@@ -507,6 +515,11 @@ class TrainConfig:
     cuda_graphs: bool = option(
         True,
         tooltip="Replay each step's forward and backward as a CUDA graph (one per image size), so the GPU no longer waits for Python to launch kernels: on top of compile, SDXL LoRA steps 1.3x faster, 1.7x with gradient checkpointing. Not used with fp16, LoRA dropout or a trained text encoder.",
+        advanced=True,
+    )
+    memory_mode: MemoryMode = option(
+        MemoryMode.AUTO,
+        tooltip="Fit the GPU: 'auto' reads the free VRAM when the run starts and turns on what it needs, in order: gradient checkpointing, 8-bit optimizer state (with bitsandbytes), fp8 base weights (LoRA) or bf16 weights (full), a smaller batch with gradient accumulation (same effective batch). An option you changed from its default is never changed. 'lowest': all of them. 'off': exactly as configured. Text encoders and VAE leave the GPU after caching unless 'off'.",
         advanced=True,
     )
 

@@ -165,6 +165,12 @@ class TensorStore:
             self.hits += 1
         return value
 
+    def has(self, key: str) -> bool:
+        """Whether ``key`` is stored (without reading it or counting a hit or miss)."""
+        if self.mode == CacheMode.MEMORY:
+            return key in self._memory
+        return self.mode == CacheMode.DISK and self._path(key).is_file()
+
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         if self.mode == CacheMode.MEMORY:

@@ -142,3 +142,8 @@ class HostHooks:
     def is_busy(self) -> bool:
         """True while the host is executing work the trainer should yield the GPU to."""
         return False
+
+    def free_vram(self, device: Any) -> int | None:
+        """GPU bytes free for the trainer on ``device`` as the host sees them (after
+        ``free_memory``, less what the host keeps for itself); None lets the trainer ask the driver."""
+        return None

@@ -219,29 +219,69 @@ class InputBuilder:
         mean = vae.encode(x).latent_dist.mean
         return ((mean.float() - self.bundle.vae_shift_factor) * self.bundle.vae_scaling_factor).float()
 
+    def _latent_key(self, item: int, flipped: bool) -> str:
+        return latent_key(
+            image_path=self.dataset.items[item].image_path,
+            bucket=self.buckets[item],
+            crop=self.settings.crop.value,
+            flipped=flipped,
+            vae_identity=self.vae_identity,
+        )
+
+    def _pending(self, item: int, flipped: bool, rng: random.Random, key: str | None) -> PendingImage:
+        img = self._load(item)
+        if flipped:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        prepared = prepare_image(img, self.buckets[item], crop=self.settings.crop, flip=False, rng=rng)
+        return PendingImage(key=key, image=prepared)
+
     def prepare(self, sample: Sample) -> EncodedImage | PendingImage:
         """The CPU half of a draw's image (safe in a worker thread): a latent-cache hit, or the
         decoded image fitted to its bucket, waiting for the VAE."""
         flipped, rng = self._flip_and_rng(sample)
         key = None
         if self.latent_store.enabled:
-            key = latent_key(
-                image_path=self.dataset.items[sample.index].image_path,
-                bucket=self.buckets[sample.index],
-                crop=self.settings.crop.value,
-                flipped=flipped,
-                vae_identity=self.vae_identity,
-            )
+            key = self._latent_key(sample.index, flipped)
             hit = self.latent_store.get(key)
             if hit is not None:
                 return EncodedImage.from_tensors(hit)
-        img = self._load(sample.index)
-        if flipped:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        prepared = prepare_image(
-            img, self.buckets[sample.index], crop=self.settings.crop, flip=False, rng=rng
-        )
-        return PendingImage(key=key, image=prepared)
+        return self._pending(sample.index, flipped, rng, key)
+
+    def fill_caches(self, *, batch: int = 8) -> tuple[int, int]:
+        """Encode every caption variant and every (image, flip) latent any draw can ask for and
+        the caches lack, so that the encoders can leave the GPU for the rest of the run.
+
+        Latents are only cached for center crops, so the crop needs no random numbers here.
+
+        Returns:
+            (latents encoded, texts encoded).
+        """
+        texts = 0
+        if self.text_store.enabled:
+            wanted = dict.fromkeys(t for i in range(len(self.dataset.items)) for t in self.variants(i))
+            missing = [
+                t
+                for t in wanted
+                if not self.text_store.has(text_key(text=t, encoder_identity=self.text_identity))
+            ]
+            for start in range(0, len(missing), batch):
+                self.text_inputs(missing[start : start + batch])
+            texts = len(missing)
+        latents = 0
+        if self.latent_store.enabled:
+            flips = (False, True) if self.settings.flip else (False,)
+            by_bucket: dict[tuple[int, int], list[tuple[int, bool, str]]] = {}
+            for item in range(len(self.dataset.items)):
+                for flipped in flips:
+                    key = self._latent_key(item, flipped)
+                    if not self.latent_store.has(key):
+                        by_bucket.setdefault(tuple(self.buckets[item]), []).append((item, flipped, key))
+            for todo in by_bucket.values():
+                for start in range(0, len(todo), batch):
+                    chunk = todo[start : start + batch]
+                    self.encode_pending([self._pending(i, f, random.Random(0), key) for i, f, key in chunk])
+                    latents += len(chunk)
+        return latents, texts
 
     def encode_pending(self, items: Sequence[EncodedImage | PendingImage]) -> list[EncodedImage]:
         """The device half: encode the pending images in one VAE batch and fill the latent cache."""

@@ -1,7 +1,9 @@
 """The training loop: ``train(config) -> RunResult``.
 
-Order of a run: free host memory -> load the model -> add LoRA or unfreeze -> scan the dataset,
-assign buckets, make the plan, write run.json -> caches -> (validation at step 0) -> steps, with
+Order of a run: free host memory -> fit the card (``memory_mode``: read the free VRAM, choose the
+memory savers, or refuse a card too small, see :mod:`.fitting`) -> load the model -> add LoRA or
+unfreeze -> scan the dataset, assign buckets, make the plan, write run.json -> caches, after which
+the VAE and text encoders leave the GPU (:mod:`.offload`) -> (validation at step 0) -> steps, with
 checkpoints, resume state, pruning and validation on their cadences -> the final checkpoint.
 
 Between steps the loop checks the user's commands (stop, pause) and, if asked, waits while the
@@ -11,6 +13,8 @@ host (ComfyUI) is busy. Every failure ends the run with one clear message (see
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..checkpoints import CheckpointStore
-from ..config import TrainConfig
+from ..config import MemoryMode, Precision, TrainConfig
 from ..data.scan import scan_dataset
 from ..models.bundle import ModelBundle
 from ..options import ConfigError, to_dict, validate
@@ -34,8 +38,12 @@ from .batches import StepBatches, epoch_steps
 from .caching import cache_root
 from .events import Callbacks, Commands, FanOutCallbacks, HostHooks, Progress, RunState
 from .failures import NonFiniteLoss, failure_message, is_oom, writing
+from .fitting import free_gpu_memory, peek_arch, plan_memory
+from .fp8 import store_fp8
 from .graphs import StepGraphs, skips_on_device, step_graphs_for
 from .inputs import Prefetcher, input_builder_for
+from .memory import MemoryPlan
+from .offload import Parking, frozen_to_park
 from .optim import OptimizerSettings, build_optimizer, build_schedule, param_groups
 from .runtime import Runtime
 from .saving import CheckpointContext, DatasetSummary, save_checkpoint
@@ -133,6 +141,9 @@ class _Run:
 
     def __init__(self, config, *, callbacks, commands, host, resume, device, model_loader):
         self.config: TrainConfig = config
+        self.user_config: TrainConfig = config  # what run.json records; self.config is what trains
+        self.memory: MemoryPlan | None = None
+        self.parking: Parking | None = None
         self.cb = FanOutCallbacks(callbacks) if callbacks is not None else FanOutCallbacks()
         self.commands: Commands = commands
         self.host: HostHooks = host
@@ -229,14 +240,27 @@ class _Run:
         self._status(RunState.RUNNING, "loading the model")
 
         self.host.free_memory()
+        arch = peek_arch(cfg)
+        if arch is not None:  # refuse a card too small before loading anything
+            cfg = self._fit(arch, resuming=state_path is not None)
         bundle = (self.model_loader or load_model)(cfg)
+        if arch is None:
+            cfg = self._fit(bundle.arch, resuming=state_path is not None)
         self.bundle = bundle
         self.resolution = cfg.native_resolution(bundle.arch)
-        trainables = prepare_trainables(bundle, cfg, rt)
+        chosen = self.memory.settings
+        # bf16 weights only where the run computes in bf16 (a GPU without bf16 falls back to fp16).
+        half = chosen.bf16_weights and rt.precision == Precision.BF16
+        trainables = prepare_trainables(bundle, cfg, rt, half_weights=half)
         self.trainables = trainables
         self.speed = apply_speed(
             bundle.denoiser, cfg, rt.device, cache_dir=cache_root(cfg.output_dir) / "compile"
         )
+        if chosen.fp8_base and rt.device.type == "cuda":
+            log.info(
+                "finetune: %d base layers stored in fp8",
+                store_fp8(bundle.denoiser, compute_dtype=rt.compute_dtype),
+            )
         self.graphs = step_graphs_for(
             bundle.denoiser,
             bundle.arch,
@@ -260,7 +284,8 @@ class _Run:
             previous = self.folder.read()
             started_at = previous.get("started_at", started_at) if state_path is not None else started_at
             self.folder.update(
-                config=to_dict(cfg),
+                config=to_dict(self.user_config),
+                memory=self.memory.to_dict(),
                 plan=plan.to_dict(),
                 versions=library_versions(),
                 started_at=started_at,
@@ -315,6 +340,7 @@ class _Run:
             dtype=rt.compute_dtype,
             trains_text_encoder=bool(trainables.text_encoder_slots),
         )
+        self._cache_and_park()
         self.prefetch = Prefetcher(self.inputs, workers=cfg.dataloader_workers)
         self.ckpt_ctx = CheckpointContext(
             config=cfg,
@@ -345,12 +371,39 @@ class _Run:
             log.info(
                 "finetune: run %s resumes at step %d (epoch %d)", self.name, position.step, position.epoch
             )
-        self._status(
-            RunState.RUNNING, f"resumed at step {self.step}" if self.step else "", total=plan.total_steps
-        )
+        resumed = f"resumed at step {self.step}; " if self.step else ""
+        self._status(RunState.RUNNING, resumed + self.memory.message, total=plan.total_steps)
         if self.step == 0 and cfg.validation_at_start and cfg.validation_prompts:
             self._validate(0)
         return self._loop(position)
+
+    def _fit(self, arch, *, resuming: bool) -> TrainConfig:
+        """Choose the memory plan (the recorded one on resume) and return the config to train with."""
+        cfg = self.user_config
+        recorded = self.folder.read().get("memory") if resuming else None
+        if resuming and not recorded:  # a run from before memory_mode: keep its settings exactly
+            cfg = dataclasses.replace(cfg, memory_mode=MemoryMode.OFF)
+        free = free_gpu_memory(self.runtime.device, self.host)
+        self.memory = plan_memory(cfg, arch, free=free, device=self.runtime.device, recorded=recorded)
+        log.info("finetune: run %s: %s", self.name, self.memory.message)
+        self.config = self.memory.apply(self.user_config)
+        return self.config
+
+    def _cache_and_park(self) -> None:
+        """Fill the caches up front, then move the encoders they made idle off the GPU."""
+        if self.config.memory_mode == MemoryMode.OFF or self.runtime.distributed:
+            return  # (ranks filling one disk cache at once would race on its files)
+        modules = frozen_to_park(
+            self.bundle,
+            latents_cached=self.inputs.latent_store.enabled,
+            text_cached=self.inputs.text_store.enabled,
+        )
+        self.parking = Parking(modules, self.runtime.device, on_move=self._reserve)
+        if modules:
+            self.cb.on_state(self.name, RunState.RUNNING, "caching latents and captions")
+            latents, texts = self.inputs.fill_caches()
+            log.info("finetune: cached %d latents and %d captions before the first step", latents, texts)
+            self.parking.park()
 
     # -------------------------------------------------------------------------------------------
     # The loop
@@ -574,15 +627,17 @@ class _Run:
 
     def _validate(self, step: int) -> None:
         rt = self.runtime
+        borrowed = self.parking.borrowed() if self.parking is not None else contextlib.nullcontext()
         if rt.is_main:
-            images = render_prompts(
-                self.bundle,
-                rt.unwrap(self.denoiser),
-                prompts=list(self.config.validation_prompts),
-                config=self.config,
-                runtime=rt,
-                resolution=self.resolution,
-            )
+            with borrowed:
+                images = render_prompts(
+                    self.bundle,
+                    rt.unwrap(self.denoiser),
+                    prompts=list(self.config.validation_prompts),
+                    config=self.config,
+                    runtime=rt,
+                    resolution=self.resolution,
+                )
             paths = save_samples(self.folder, step, images)
             self.cb.on_sample(self.name, step, paths)
         rt.wait_for_everyone()

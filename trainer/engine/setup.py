@@ -86,12 +86,16 @@ def _named(module: nn.Module, prefix: str) -> dict[str, nn.Parameter]:
     return {f"{prefix}.{n}": p for n, p in module.named_parameters() if p.requires_grad}
 
 
-def prepare_trainables(bundle: ModelBundle, config: TrainConfig, runtime: Runtime) -> Trainables:
+def prepare_trainables(
+    bundle: ModelBundle, config: TrainConfig, runtime: Runtime, *, half_weights: bool = False
+) -> Trainables:
     """Freeze the model, then make the trained part trainable and place everything.
 
     LoRA: the base weights go to the device in the compute dtype (bf16/fp16 on GPU) and the LoRA
     weights stay fp32. Full: the denoiser (and trained text encoders) stay fp32 master weights and
-    run under autocast. The VAE is kept in fp32 for fp16 runs (SDXL's VAE overflows in fp16).
+    run under autocast, or, with ``half_weights`` (memory_mode's "bf16 weights"), the denoiser
+    trains in the compute dtype itself: weights, gradients and optimizer state at half the size.
+    The VAE is kept in fp32 for fp16 runs (SDXL's VAE overflows in fp16).
 
     Returns:
         The trainable parameters, already on the device.
@@ -133,7 +137,7 @@ def prepare_trainables(bundle: ModelBundle, config: TrainConfig, runtime: Runtim
         for slot in slots:
             bundle.text_encoders[slot].to(runtime.device)
     else:
-        bundle.denoiser.to(device=runtime.device)
+        _place(bundle.denoiser, runtime.device, compute if half_weights else None)
         bundle.denoiser.requires_grad_(True)
         out.denoiser = [p for p in bundle.denoiser.parameters()]
         for slot in slots:

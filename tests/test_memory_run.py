@@ -1,0 +1,195 @@
+"""memory_mode inside a run (tiny models on the CPU): the encoders leave the "GPU" after caching and
+come back only for validation renders, the host's reservation follows them, the chosen savers are
+applied and recorded, and a card too small is refused before anything loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from train_helpers import make_images, tiny_config
+
+from trainer.config import Arch
+from trainer.engine import loop as loop_module
+from trainer.engine.events import Callbacks, HostHooks, RunState
+from trainer.engine.inputs import InputBuilder
+from trainer.engine.loop import train
+from trainer.engine.memory import GiB
+from trainer.engine.offload import Parking
+from trainer.engine.runtime import Runtime
+from trainer.models.tiny import tiny_bundle
+from trainer.runfolder import RunFolder
+
+MiB = 2**20
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_images(tmp_path / "data", [(64, 64), (64, 64)])
+
+
+def loader(holder: list | None = None, calls: list | None = None):
+    def load(config):
+        if calls is not None:
+            calls.append(config.base_model)
+        bundle = tiny_bundle(Arch.SD15, seed=0)
+        if holder is not None:
+            holder.append(bundle)
+        return bundle
+
+    return load
+
+
+class RecordingHost(HostHooks):
+    def __init__(self):
+        self.reserved: list[int] = []
+
+    def reserve(self, nbytes):
+        self.reserved.append(nbytes)
+
+
+class Where:
+    """Stands in for a GPU on the CPU: which side the parked encoders are on, as Parking moves them."""
+
+    def __init__(self):
+        self.on_gpu = True
+        self.moves: list[tuple[str, bool]] = []  # (names moved, now on the GPU)
+
+
+@pytest.fixture
+def where(monkeypatch):
+    w = Where()
+
+    class SpyParking(Parking):
+        def _move(self, dest):
+            w.on_gpu = self.parked  # parked modules move in; unparked ones move out
+            w.moves.append((",".join(self.modules), w.on_gpu))
+            super()._move(dest)
+
+    monkeypatch.setattr(loop_module, "Parking", SpyParking)
+    # The run's GPU memory: 1000 MiB of its own plus 700 MiB while the encoders are there.
+    monkeypatch.setattr(Runtime, "memory_reserved", lambda self: (1000 + 700 * w.on_gpu) * MiB)
+    return w
+
+
+class Steps(Callbacks):
+    def __init__(self, where: Where):
+        self.where = where
+        self.on_gpu_at_step: list[bool] = []
+        self.states: list[tuple[RunState, str]] = []
+
+    def on_progress(self, progress):
+        self.on_gpu_at_step.append(self.where.on_gpu)
+
+    def on_state(self, run, state, message=""):
+        self.states.append((state, message))
+
+
+def test_encoders_leave_after_caching_and_come_back_only_for_validation(tmp_path, data, where, monkeypatch):
+    rendered_with: list[bool] = []
+    real_render = loop_module.render_prompts
+
+    def render(*args, **kwargs):
+        rendered_with.append(where.on_gpu)
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "render_prompts", render)
+    encoded_with: list[tuple[str, bool]] = []
+    for name in ("encode_pixels", "_encode_texts"):
+        real = getattr(InputBuilder, name)
+
+        def spy(self, x, _real=real, _name=name):
+            encoded_with.append((_name, where.on_gpu))
+            return _real(self, x)
+
+        monkeypatch.setattr(InputBuilder, name, spy)
+    config = tiny_config(
+        tmp_path,
+        data,
+        flip=True,
+        max_steps=4,
+        epochs=5,
+        validation_every=2,
+        validation_prompts=["thing"],
+        validation_steps=1,
+        validation_at_start=True,
+    )
+    host, steps = RecordingHost(), Steps(where)
+    result = train(config, callbacks=steps, host=host, model_loader=loader(), device="cpu")
+    assert result.state == RunState.FINISHED, result.message
+    names = "vae,text_encoder_0"
+    # Parked once after caching; each of the three renders borrows them and parks them again.
+    assert where.moves == [(names, False)] + [(names, True), (names, False)] * 3
+    assert steps.on_gpu_at_step == [False] * 4
+    assert rendered_with == [True, True, True]
+    # Every encoder call came before the encoders left: one caption, then both images in both
+    # mirror images in one batch; no step encoded anything.
+    assert encoded_with == [("_encode_texts", True), ("encode_pixels", True)]
+    # The host's EXTRA_RESERVED_VRAM follows: all of it, less the encoders, more during renders, 0 at the end.
+    assert [n // MiB for n in host.reserved] == [1700, 1000] + [1700, 1000] * 3 + [0]
+    assert (RunState.RUNNING, "caching latents and captions") in steps.states
+    record = json.loads(RunFolder.for_run(config.output_dir, "tiny").run_json.read_text())
+    assert record["memory"]["message"] == "memory auto: no GPU, nothing to fit (SD1.5 LoRA 64 b1)"
+    assert record["memory"]["chosen"] == []
+
+
+def test_memory_mode_off_keeps_the_encoders_where_they_are(tmp_path, data, where):
+    config = tiny_config(tmp_path, data, max_steps=2, memory_mode="off")
+    host = RecordingHost()
+    result = train(config, host=host, model_loader=loader(), device="cpu")
+    assert result.state == RunState.FINISHED, result.message
+    assert where.moves == []
+    assert [n // MiB for n in host.reserved] == [1700, 0]
+
+
+def test_a_random_crop_keeps_the_vae_and_parks_the_text_encoder(tmp_path, data, where):
+    config = tiny_config(tmp_path, data, max_steps=2, crop="random")
+    result = train(config, host=RecordingHost(), model_loader=loader(), device="cpu")
+    assert result.state == RunState.FINISHED, result.message
+    assert where.moves == [("text_encoder_0", False)]
+
+
+def test_an_out_of_memory_step_with_parked_encoders_ends_the_run_cleanly(tmp_path, data, where, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loop_module, "batch_loss", oom)
+    host = RecordingHost()
+    result = train(tiny_config(tmp_path, data, max_steps=2), host=host, model_loader=loader(), device="cpu")
+    assert result.state == RunState.FAILED
+    assert result.message.startswith("out of GPU memory at step 1 with batch 1 at 64 px")
+    assert host.reserved[-1] == 0
+
+
+def test_the_chosen_savers_train_and_run_json_keeps_the_users_config(tmp_path, data, monkeypatch):
+    monkeypatch.setattr(loop_module, "free_gpu_memory", lambda device, host: 10 * GiB)
+    holder: list = []
+    config = tiny_config(tmp_path, data, max_steps=1, batch_size=2, memory_mode="lowest")
+    result = train(config, model_loader=loader(holder), device="cpu")
+    assert result.state == RunState.FINISHED, result.message
+    assert holder[0].denoiser.is_gradient_checkpointing
+    record = json.loads(RunFolder.for_run(config.output_dir, "tiny").run_json.read_text())
+    memory = record["memory"]
+    # fp32 on the CPU: no fp8 storage to choose; no bitsandbytes off CUDA.
+    assert memory["chosen"] == ["gradient checkpointing", "batch 1 × accumulation 2"]
+    assert (memory["settings"]["batch_size"], memory["settings"]["gradient_accumulation"]) == (1, 2)
+    assert memory["message"].startswith("memory lowest: 10.0 GiB free; SD1.5 LoRA 64 b2 needs ~")
+    assert (record["config"]["batch_size"], record["config"]["gradient_checkpointing"]) == (2, False)
+    assert record["plan"]["total_steps"] == 1
+
+
+def test_a_card_too_small_is_refused_before_the_model_loads(tmp_path, data, monkeypatch):
+    monkeypatch.setattr(loop_module, "free_gpu_memory", lambda device, host: 2 * GiB)
+    calls: list = []
+    config = tiny_config(tmp_path, data, arch="sdxl", base_model="/models/sdxl.safetensors")
+    result = train(config, model_loader=loader(calls=calls), device="cpu")
+    assert result.state == RunState.FAILED
+    assert calls == []
+    assert result.message.startswith("memory_mode: SDXL LoRA 64 b1 needs at least ~")
+    assert (
+        "of GPU memory even with every memory saver on, but only 2.0 GiB is free on this GPU"
+        in result.message
+    )
+    status = json.loads(RunFolder.for_run(config.output_dir, "tiny").run_json.read_text())["status"]
+    assert (status["state"], status["message"]) == ("failed", result.message)
