@@ -189,7 +189,10 @@ def run(args: argparse.Namespace) -> int:
         rows.append(row)
         print(row.card, flush=True)
         print(table.markdown([row]), flush=True)
-        for line in table.targets(row) + row.notes + row.render_errors[:5]:
+        runs = [r for r in (row.alone, row.busy, row.uncapped) if r]
+        for line in (
+            table.targets(row) + [f"{r.name}: {r.chosen}" for r in runs] + row.notes + row.render_errors[:5]
+        ):
             print("  " + line, flush=True)
         (out / "table.md").write_text(table.markdown(rows) + "\n", encoding="utf-8")
         (out / "rows.json").write_text(table.to_json(rows), encoding="utf-8")

@@ -184,7 +184,8 @@ class ScenarioRunner:
         config = detail.get("config") or {}
         batch = int(config.get("batch_size") or 1) * int(config.get("gradient_accumulation") or 1)
         peaks = [float(r["peak_vram"]) for r in rows if r.get("peak_vram")]
-        chosen = detail.get("memory") or config.get("memory_mode") or ""
+        # What memory_mode chose: the message of the run's first "running" state event.
+        chosen = next((m for _, st, m in self.server.run_states(run) if st == "running" and m), "")
         result = RunResult(
             name=run,
             state=detail["state"],
