@@ -121,18 +121,26 @@ def build_models(
     return out
 
 
-def prebuild(archs: list[str], cache: Path, comfy: Path, python: str, site: Path | None) -> None:
+def prebuild(
+    archs: list[str], cache: Path, comfy: Path, python: str, site: Path | None
+) -> dict[str, subprocess.Popen]:
     """Start building ``archs`` in the background, in their own session so that they outlive this
-    command (a later device call on the same machine finds them; the writes are atomic)."""
+    command (a later device call on the same machine finds them; the writes are atomic).
+
+    Returns:
+        The builds started, by arch (:func:`run` waits for one before its scenario).
+    """
     cache.mkdir(parents=True, exist_ok=True)
-    for arch in archs:
+    started = {}
+    for arch in dict.fromkeys(archs):
         path = cache / f"{arch}.safetensors"
         if not path.is_file():
             cmd, env = _build_command(arch, path, comfy, python, site)
             with open(cache / f"{arch}.build.log", "wb") as f:
-                subprocess.Popen(
+                started[arch] = subprocess.Popen(
                     cmd, cwd=comfy, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
                 )
+    return started
 
 
 def _install(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path | None]:
@@ -157,9 +165,10 @@ def run(args: argparse.Namespace) -> int:
         sys.path.append(str(site))  # websocket-client for this process
     python = args.python or sys.executable
     cache = Path(args.model_cache) if args.model_cache else workdir / "models"
-    models = build_models({s.arch for s in scenarios}, cache, comfy, python, site)
-    if args.prebuild:
-        prebuild([a for a in args.prebuild.split(",") if a in MODEL_FILES], cache, comfy, python, site)
+    # The first scenario's model is built now; the others' (and --prebuild's) in the background.
+    models = build_models({scenarios[0].arch}, cache, comfy, python, site)
+    later = [s.arch for s in scenarios[1:]] + [a for a in args.prebuild.split(",") if a in MODEL_FILES]
+    building = prebuild(later, cache, comfy, python, site)
     settings = settings_for(args)
     rows = []
     from . import server as srv
@@ -170,6 +179,14 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(base, ignore_errors=True)
         srv.layout_base(base)
         target = base / "models" / "checkpoints" / MODEL_FILES[scenario.arch]
+        if scenario.arch in building:
+            t0 = time.monotonic()
+            if building.pop(scenario.arch).wait() != 0:
+                raise SystemExit(
+                    f"building the {scenario.arch} checkpoint failed: see {cache}/{scenario.arch}.build.log"
+                )
+            log.info("waited %.0f s for the %s checkpoint", time.monotonic() - t0, scenario.arch)
+        models.update(build_models({scenario.arch}, cache, comfy, python, site))
         target.symlink_to(models[scenario.arch])
         size = settings.render_size or scenario.resolution
         write_dataset(base / "input" / DATASET_FOLDER, size=size, count=settings.images)
