@@ -104,6 +104,13 @@ def test_encoders_leave_after_caching_and_come_back_only_for_validation(tmp_path
             return _real(self, x)
 
         monkeypatch.setattr(InputBuilder, name, spy)
+    real_prepare = loop_module.prepare_trainables
+
+    def prepare(*args, **kwargs):
+        encoded_with.append(("denoiser to the GPU", where.on_gpu))
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "prepare_trainables", prepare)
     config = tiny_config(
         tmp_path,
         data,
@@ -119,13 +126,17 @@ def test_encoders_leave_after_caching_and_come_back_only_for_validation(tmp_path
     result = train(config, callbacks=steps, host=host, model_loader=loader(), device="cpu")
     assert result.state == RunState.FINISHED, result.message
     names = "vae,text_encoder_0"
-    # Parked once after caching; each of the three renders borrows them and parks them again.
-    assert where.moves == [(names, False)] + [(names, True), (names, False)] * 3
+    # On the GPU only to fill the caches (before the denoiser is there) and for each of the three
+    # renders, parked again after each.
+    assert where.moves == [(names, True), (names, False)] * 4
     assert steps.on_gpu_at_step == [False] * 4
     assert rendered_with == [True, True, True]
-    # Every encoder call came before the encoders left: one caption, then both images in both
-    # mirror images in one batch; no step encoded anything.
-    assert encoded_with == [("_encode_texts", True), ("encode_pixels", True)]
+    # Every encoder call came before the encoders left, and before the denoiser went to the GPU:
+    # both captions in one batch, then each image and its mirror image, one at a time; no step
+    # encoded anything.
+    assert encoded_with == [("_encode_texts", True)] + [("encode_pixels", True)] * 4 + [
+        ("denoiser to the GPU", False)
+    ]
     # The host's EXTRA_RESERVED_VRAM follows: all of it, less the encoders, more during renders, 0 at the end.
     assert [n // MiB for n in host.reserved] == [1700, 1000] + [1700, 1000] * 3 + [0]
     assert (RunState.RUNNING, "caching latents and captions") in steps.states
@@ -147,7 +158,7 @@ def test_a_random_crop_keeps_the_vae_and_parks_the_text_encoder(tmp_path, data, 
     config = tiny_config(tmp_path, data, max_steps=2, crop="random")
     result = train(config, host=RecordingHost(), model_loader=loader(), device="cpu")
     assert result.state == RunState.FINISHED, result.message
-    assert where.moves == [("text_encoder_0", False)]
+    assert where.moves == [("text_encoder_0", True), ("text_encoder_0", False)]
 
 
 def test_an_out_of_memory_step_with_parked_encoders_ends_the_run_cleanly(tmp_path, data, where, monkeypatch):

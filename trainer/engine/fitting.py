@@ -73,7 +73,7 @@ def bitsandbytes_usable(device: torch.device) -> bool:
     return device.type == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
 
 
-def keeps_encoders(config: TrainConfig) -> bool:
+def encoders_stay_on_gpu(config: TrainConfig) -> bool:
     """Whether the VAE or a text encoder stays on the GPU during steps (something not cached)."""
     if config.memory_mode == MemoryMode.OFF:
         return True
@@ -95,7 +95,7 @@ def plan_memory(
     Raises:
         CardTooSmall: the card cannot hold even the leanest setting (before anything loads).
     """
-    settings = settings_for(config, arch, frozen_on_gpu=keeps_encoders(config))
+    settings = settings_for(config, arch, frozen_on_gpu=encoders_stay_on_gpu(config))
     if recorded:
         plan = MemoryPlan.from_dict(recorded, settings)
         plan.message = f"{plan.message} (as when the run started)"

@@ -247,11 +247,13 @@ class InputBuilder:
                 return EncodedImage.from_tensors(hit)
         return self._pending(sample.index, flipped, rng, key)
 
-    def fill_caches(self, *, batch: int = 8) -> tuple[int, int]:
+    def fill_caches(self, *, text_batch: int = 8) -> tuple[int, int]:
         """Encode every caption variant and every (image, flip) latent any draw can ask for and
         the caches lack, so that the encoders can leave the GPU for the rest of the run.
 
-        Latents are only cached for center crops, so the crop needs no random numbers here.
+        Images are encoded one at a time: a 1024² VAE encoding alone peaks near 1 GiB, and this
+        runs next to the denoiser already on the GPU. Latents are only cached for center crops,
+        so the crop needs no random numbers here.
 
         Returns:
             (latents encoded, texts encoded).
@@ -264,23 +266,18 @@ class InputBuilder:
                 for t in wanted
                 if not self.text_store.has(text_key(text=t, encoder_identity=self.text_identity))
             ]
-            for start in range(0, len(missing), batch):
-                self.text_inputs(missing[start : start + batch])
+            for start in range(0, len(missing), text_batch):
+                self.text_inputs(missing[start : start + text_batch])
             texts = len(missing)
         latents = 0
         if self.latent_store.enabled:
             flips = (False, True) if self.settings.flip else (False,)
-            by_bucket: dict[tuple[int, int], list[tuple[int, bool, str]]] = {}
             for item in range(len(self.dataset.items)):
                 for flipped in flips:
                     key = self._latent_key(item, flipped)
                     if not self.latent_store.has(key):
-                        by_bucket.setdefault(tuple(self.buckets[item]), []).append((item, flipped, key))
-            for todo in by_bucket.values():
-                for start in range(0, len(todo), batch):
-                    chunk = todo[start : start + batch]
-                    self.encode_pending([self._pending(i, f, random.Random(0), key) for i, f, key in chunk])
-                    latents += len(chunk)
+                        self.encode_pending([self._pending(item, flipped, random.Random(0), key)])
+                        latents += 1
         return latents, texts
 
     def encode_pending(self, items: Sequence[EncodedImage | PendingImage]) -> list[EncodedImage]:

@@ -47,7 +47,7 @@ from .offload import Parking, frozen_to_park
 from .optim import OptimizerSettings, build_optimizer, build_schedule, param_groups
 from .runtime import Runtime
 from .saving import CheckpointContext, DatasetSummary, save_checkpoint
-from .setup import load_model, prepare_trainables
+from .setup import load_model, place_frozen, prepare_trainables, trainable_text_slots
 from .speed import SpeedSession
 from .speed import apply as apply_speed
 from .state import Position, latest_state, list_states, load_state, save_state
@@ -248,10 +248,27 @@ class _Run:
             cfg = self._fit(bundle.arch, resuming=state_path is not None)
         self.bundle = bundle
         self.resolution = cfg.native_resolution(bundle.arch)
+        dataset = scan_dataset(cfg.dataset)
+        run_plan = plan_run(cfg, dataset, resolution=self.resolution, num_processes=rt.world_size)
+        buckets, plan = run_plan.item_buckets, run_plan.plan
+        self.dataset, self.buckets, self.plan = dataset, buckets, plan
+        # The caches are filled before the denoiser goes to the GPU, so the text encoders and VAE
+        # (SD3's T5 alone is 8.9 GiB) never share it with the denoiser unless they must stay.
+        place_frozen(bundle, rt, device=rt.device if self._keeps_encoders() else torch.device("cpu"))
+        self.inputs = input_builder_for(
+            cfg,
+            bundle=bundle,
+            dataset=dataset,
+            buckets=buckets,
+            device=rt.device,
+            dtype=rt.compute_dtype,
+            trains_text_encoder=bool(trainable_text_slots(bundle, cfg)),
+        )
+        self._cache_and_park()
         chosen = self.memory.settings
         # bf16 weights only where the run computes in bf16 (a GPU without bf16 falls back to fp16).
         half = chosen.bf16_weights and rt.precision == Precision.BF16
-        trainables = prepare_trainables(bundle, cfg, rt, half_weights=half)
+        trainables = prepare_trainables(bundle, cfg, rt, half_weights=half, frozen_placed=True)
         self.trainables = trainables
         self.speed = apply_speed(
             bundle.denoiser, cfg, rt.device, cache_dir=cache_root(cfg.output_dir) / "compile"
@@ -275,10 +292,6 @@ class _Run:
         self.denoiser = rt.wrap(bundle.denoiser) if self.graphs is None else rt.share(bundle.denoiser)
         self._reserve()
 
-        dataset = scan_dataset(cfg.dataset)
-        run_plan = plan_run(cfg, dataset, resolution=self.resolution, num_processes=rt.world_size)
-        buckets, plan = run_plan.item_buckets, run_plan.plan
-        self.dataset, self.buckets, self.plan = dataset, buckets, plan
         started_at = time.time()
         if rt.is_main:
             previous = self.folder.read()
@@ -331,16 +344,6 @@ class _Run:
         random.seed(cfg.seed + rt.rank)
         self.noise = torch.Generator(device="cpu")
 
-        self.inputs = input_builder_for(
-            cfg,
-            bundle=bundle,
-            dataset=dataset,
-            buckets=buckets,
-            device=rt.device,
-            dtype=rt.compute_dtype,
-            trains_text_encoder=bool(trainables.text_encoder_slots),
-        )
-        self._cache_and_park()
         self.prefetch = Prefetcher(self.inputs, workers=cfg.dataloader_workers)
         self.ckpt_ctx = CheckpointContext(
             config=cfg,
@@ -389,21 +392,32 @@ class _Run:
         self.config = self.memory.apply(self.user_config)
         return self.config
 
+    def _keeps_encoders(self) -> bool:
+        """Whether the VAE and text encoders simply stay on the GPU (memory_mode off, and several
+        processes, whose ranks filling one disk cache at once would race on its files)."""
+        return self.config.memory_mode == MemoryMode.OFF or self.runtime.distributed
+
     def _cache_and_park(self) -> None:
-        """Fill the caches up front, then move the encoders they made idle off the GPU."""
-        if self.config.memory_mode == MemoryMode.OFF or self.runtime.distributed:
-            return  # (ranks filling one disk cache at once would race on its files)
+        """Fill the caches up front with the encoders on the GPU, then park the idle ones on the CPU
+        (the others go to the GPU for good). ``place_frozen`` left them all on the CPU."""
+        if self._keeps_encoders():
+            return
+        rt = self.runtime
         modules = frozen_to_park(
             self.bundle,
             latents_cached=self.inputs.latent_store.enabled,
             text_cached=self.inputs.text_store.enabled,
         )
-        self.parking = Parking(modules, self.runtime.device, on_move=self._reserve)
+        for module in self.bundle.frozen_modules():
+            if all(module is not m for m in modules.values()):
+                module.to(device=rt.device)  # still needed during steps
+        self.parking = Parking(modules, rt.device, on_move=self._reserve)
+        self.parking.parked = True
         if modules:
             self.cb.on_state(self.name, RunState.RUNNING, "caching latents and captions")
-            latents, texts = self.inputs.fill_caches()
+            with self.parking.borrowed():
+                latents, texts = self.inputs.fill_caches()
             log.info("finetune: cached %d latents and %d captions before the first step", latents, texts)
-            self.parking.park()
 
     # -------------------------------------------------------------------------------------------
     # The loop

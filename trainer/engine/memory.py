@@ -101,6 +101,9 @@ FAMILIES: dict[Arch, FamilyFigures] = {
 
 NATIVE_RESOLUTION = {Arch.SD15: 512, Arch.SDXL: 1024, Arch.SD3: 1024}
 VAE_PARAMS = 83_653_863
+#: Activations of the VAE encoding one 1024² image in bf16 (caching encodes one image at a time).
+#: Not measured: a bound from the encoder's largest feature maps (128-256 channels at full size).
+VAE_ENCODE_GIB = 1.0
 #: cuDNN/cuBLAS workspaces, the compiled blocks' and graphs' own buffers, the inputs.
 FIXED_OVERHEAD = int(0.5 * GiB)
 #: Allocated is not reserved: the caching allocator's slack and fragmentation on top of the peak.
@@ -149,50 +152,60 @@ class MemorySettings:
 
 
 def estimate(s: MemorySettings) -> dict[str, int]:
-    """GPU bytes a training step needs, by part, plus ``"total"``.
+    """GPU bytes a run needs, by part, plus ``"step"``, ``"caching"`` and ``"total"``.
+
+    Two moments peak: a training step, and the caching, when the text encoders and the VAE are
+    on the GPU (SD3's T5-XXL alone is 8.9 GiB): before the denoiser comes when they leave the GPU
+    afterwards, beside it when they stay (``frozen_on_gpu``).
 
     Args:
         s: the settings (see :class:`MemorySettings`).
 
     Returns:
-        ``{"weights", "trained", "activations", "frozen", "overhead", "total"}`` in bytes: frozen
-        base weights, trained parameters with gradients and optimizer state, one micro-batch's
-        activations, text encoders + VAE (0 when they leave the GPU), fixed overhead.
+        In bytes: ``weights`` (frozen base weights), ``trained`` (trained parameters with
+        gradients and optimizer state), ``activations`` (one micro-batch's), ``frozen`` (text
+        encoders + VAE during steps; 0 when they leave the GPU), ``overhead``; ``step`` (their
+        sum), ``caching`` (the caching's peak) and ``total`` (the larger of the two).
     """
     fam = FAMILIES[s.arch]
     half = s.precision != Precision.FP32
     copy_bytes = 2 if half else 0
     state = _OPTIMIZER_STATE[s.optimizer]
+    clip_params = fam.text_encoder_params - fam.t5_params
     if s.method == Method.LORA:
         base_bytes = 1 if s.fp8_base else (2 if half else 4)
         weights = fam.denoiser_params * base_bytes
-        trained = s.lora_rank * fam.lora_fan[s.lora_targets] * (4 + 4 + state + copy_bytes)
+        lora = s.lora_rank * fam.lora_fan[s.lora_targets]
+        trained = lora * (4 + 4 + state + copy_bytes)
+        stored = weights + lora * 4  # what is on the GPU before the first step
     else:
         weights = 0
         if s.bf16_weights:
             # bf16 weight and gradient, optimizer state in bf16 too (8-bit stays 2 bytes), no copy.
-            per_param = 2 + 2 + min(state, 4)
+            weight_bytes, per_param = 2, 2 + 2 + min(state, 4)
         else:
-            per_param = 4 + 4 + state + copy_bytes
+            weight_bytes, per_param = 4, 4 + 4 + state + copy_bytes
         trained = fam.denoiser_params * per_param
+        stored = fam.denoiser_params * weight_bytes
         if s.train_text_encoder:  # the CLIP encoders train in full too (never T5)
-            trained += (fam.text_encoder_params - fam.t5_params) * per_param
+            trained += clip_params * per_param
     per_sample = fam.checkpointed_activation_gib if s.gradient_checkpointing else fam.activation_gib
     pixels = (s.resolution / NATIVE_RESOLUTION[s.arch]) ** 2
     # fp32 activations are twice the bf16 ones.
     activations = int(per_sample * GiB * pixels * s.micro_batch * (1 if half else 2))
-    frozen = 0
-    if s.frozen_on_gpu:
-        te = fam.text_encoder_params - (0 if s.use_t5 else fam.t5_params)
-        frozen = (te + VAE_PARAMS) * (2 if half else 4)
+    te = fam.text_encoder_params - (0 if s.use_t5 else fam.t5_params)
+    encoders = (te + VAE_PARAMS) * (2 if half else 4)
     parts = {
         "weights": weights,
         "trained": trained,
         "activations": activations,
-        "frozen": frozen,
+        "frozen": encoders if s.frozen_on_gpu else 0,
         "overhead": FIXED_OVERHEAD,
     }
-    parts["total"] = sum(parts.values())
+    parts["step"] = sum(parts.values())
+    vae = int(VAE_ENCODE_GIB * GiB * (s.resolution / 1024) ** 2 * (1 if half else 2))
+    parts["caching"] = (stored if s.frozen_on_gpu else 0) + encoders + vae + FIXED_OVERHEAD
+    parts["total"] = max(parts["step"], parts["caching"])
     return parts
 
 
@@ -208,14 +221,18 @@ def fits(need: int, free: int) -> bool:
 class CardTooSmall(ConfigError):
     """Even the leanest setting needs more memory than the card has free (refused at start)."""
 
-    def __init__(self, *, what: str, free: int, need: int):
+    def __init__(self, *, what: str, free: int, need: int, t5: bool = False):
         self.free = free
         self.need = need
+        fix = (
+            "turn use_t5 off (T5-XXL alone takes 8.9 GiB while the captions are cached), "
+            if t5
+            else "use a smaller resolution or model, LoRA instead of a full fine-tune, "
+        )
         super().__init__(
             "memory_mode",
             f"{what} needs at least ~{gib(need * HEADROOM)} GiB of GPU memory even with every memory "
-            f"saver on, but only {gib(free)} GiB is free on this GPU; use a smaller resolution or "
-            "model, LoRA instead of a full fine-tune, or close what else uses the GPU",
+            f"saver on, but only {gib(free)} GiB is free on this GPU; {fix}or close what else uses the GPU",
         )
 
 
@@ -391,7 +408,10 @@ def choose(
         leanest = change(leanest)
     lean_need = estimate(leanest)["total"]
     if mode == MemoryMode.AUTO and not fits(lean_need, free):
-        raise CardTooSmall(what=what, free=free, need=lean_need)
+        parts = estimate(leanest)
+        # With T5 the caching is what does not fit (the steps would): say so.
+        t5 = settings.use_t5 and FAMILIES[settings.arch].t5_params > 0 and fits(parts["step"], free)
+        raise CardTooSmall(what=what, free=free, need=lean_need, t5=t5)
 
     current, chosen, kept = settings, [], []
     for label, change, blocked_by in steps:
@@ -413,12 +433,20 @@ def choose(
     if not chosen:
         plan.message = head + (", fits as configured" if plan.fits else "")
     else:
-        plan.message = f"{head} → {', '.join(chosen)} (~{gib(after)} GiB)"
+        plan.message = f"{head} → {', '.join(chosen)} ({_needs(current)})"
     if kept:
         plan.message += f"; kept as set: {', '.join(kept)}"
     if not plan.fits:
         plan.message += " — it may run out of memory"
     return plan
+
+
+def _needs(s: MemorySettings) -> str:
+    """'~7.9 GiB', or '~5.9 GiB a step, ~12.1 GiB while caching' when the caching needs more."""
+    parts = estimate(s)
+    if parts["caching"] > parts["step"]:
+        return f"~{gib(parts['step'])} GiB a step, ~{gib(parts['caching'])} GiB while caching"
+    return f"~{gib(parts['total'])} GiB"
 
 
 def _steps(settings: MemorySettings, *, explicit: set[str], bitsandbytes: bool) -> list[tuple]:

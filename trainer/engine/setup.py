@@ -86,8 +86,30 @@ def _named(module: nn.Module, prefix: str) -> dict[str, nn.Parameter]:
     return {f"{prefix}.{n}": p for n, p in module.named_parameters() if p.requires_grad}
 
 
+def place_frozen(bundle: ModelBundle, runtime: Runtime, *, device: torch.device) -> None:
+    """Freeze the VAE and text encoders and give them their dtypes, on ``device`` (the training
+    device, or the CPU when they wait there for the caching and their validation renders).
+
+    The text encoders run in the compute dtype; the VAE too, except in fp16 runs (SDXL's VAE
+    overflows in fp16: it stays fp32).
+    """
+    # The model arrives in fp32; casting to fp32 again only makes diffusers log a warning.
+    compute = None if runtime.compute_dtype == torch.float32 else runtime.compute_dtype
+    vae_dtype = None if runtime.precision == Precision.FP16 else compute
+    bundle.freeze(vae=True, text_encoders=True)
+    _place(bundle.vae, device, vae_dtype)
+    for te in bundle.text_encoders:
+        if te is not None:
+            _place(te, device, compute)
+
+
 def prepare_trainables(
-    bundle: ModelBundle, config: TrainConfig, runtime: Runtime, *, half_weights: bool = False
+    bundle: ModelBundle,
+    config: TrainConfig,
+    runtime: Runtime,
+    *,
+    half_weights: bool = False,
+    frozen_placed: bool = False,
 ) -> Trainables:
     """Freeze the model, then make the trained part trainable and place everything.
 
@@ -95,21 +117,18 @@ def prepare_trainables(
     weights stay fp32. Full: the denoiser (and trained text encoders) stay fp32 master weights and
     run under autocast, or, with ``half_weights`` (memory_mode's "bf16 weights"), the denoiser
     trains in the compute dtype itself: weights, gradients and optimizer state at half the size.
-    The VAE is kept in fp32 for fp16 runs (SDXL's VAE overflows in fp16).
+    The VAE and text encoders are placed by :func:`place_frozen` (here, unless ``frozen_placed``).
 
     Returns:
         The trainable parameters, already on the device.
     """
     # The model arrives in fp32; casting to fp32 again only makes diffusers log a warning.
     compute = None if runtime.compute_dtype == torch.float32 else runtime.compute_dtype
-    vae_dtype = None if runtime.precision == Precision.FP16 else compute
-    bundle.freeze(vae=True, text_encoders=True, denoiser=True)
+    if not frozen_placed:
+        place_frozen(bundle, runtime, device=runtime.device)
+    bundle.freeze(vae=False, text_encoders=False, denoiser=True)
     slots = trainable_text_slots(bundle, config)
     out = Trainables(text_encoder_slots=slots)
-    _place(bundle.vae, runtime.device, vae_dtype)
-    for te in bundle.text_encoders:
-        if te is not None:
-            _place(te, runtime.device, compute)
     if config.method == Method.LORA:
         _place(bundle.denoiser, runtime.device, compute)
         names = target_modules(bundle.arch, config.lora_targets, bundle.denoiser, part="denoiser")
