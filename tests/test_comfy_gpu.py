@@ -275,3 +275,34 @@ def test_the_wheels_file_lists_pinned_packages_and_the_av_stub_imports(tmp_path)
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "PyAV is not installed on this machine (bench/comfy_gpu carries a stub)"
+
+
+def test_the_trainers_free_memory_reads_a_capped_process_on_a_plain_cuda_device(monkeypatch):
+    """A run's device is often plain "cuda" (no index), which get_per_process_memory_fraction
+    refuses; the cap is a share of the device's total memory, not of mem_get_info's (card
+    emulation reports the emulated card there). Found by the harness's first GPU call."""
+    import torch
+
+    from trainer.engine import fitting
+
+    calls = []
+
+    def fraction(index):
+        calls.append(index)
+        if not isinstance(index, int):
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{index}")
+        return 0.1
+
+    class Host:
+        def free_vram(self, device):
+            return 70 * GIB
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (7 * GIB, 8 * GIB))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", fraction)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda index: type("P", (), {"total_memory": 80 * GIB})
+    )
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: GIB)
+    assert fitting.free_gpu_memory(torch.device("cuda"), Host()) == 7 * GIB  # 0.1 × 80 − 1 reserved
+    assert calls == [0]

@@ -199,7 +199,12 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         try:
             parts = args.parts or scenario.parts
-            row = ScenarioRunner(server, scenario, settings, card_gib).run(parts)
+
+            def save_partial(partial) -> None:
+                (out / "table.md").write_text(table.markdown([*rows, partial]) + "\n", encoding="utf-8")
+                (out / "rows.json").write_text(table.to_json([*rows, partial]), encoding="utf-8")
+
+            row = ScenarioRunner(server, scenario, settings, card_gib).run(parts, on_part=save_partial)
         finally:
             server.stop()
             shutil.copy(server.log_path, out / f"server-{scenario.name}.log")

@@ -278,7 +278,9 @@ class ScenarioRunner:
         self.vram.reset()
         self.row.uncapped = self._collect(self._train(f"{self.s.name}-u"))
 
-    def run(self, parts: str) -> Row:
+    def run(self, parts: str, on_part=None) -> Row:
+        """Run the card check, the idle renders and ``parts``; ``on_part(row)`` after each (the
+        caller saves the partial row, so a command stopped at its time limit keeps it)."""
         steps = [("card", self.check_card), ("idle", self.idle)]
         steps += [(p, fn) for p, fn in (
             ("a", self.alone), ("b", self.with_prompts), ("c", self.sweep_and_stock), ("u", self.uncapped_twin),
@@ -294,6 +296,8 @@ class ScenarioRunner:
                     f"part {name} failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                 )
             log.info("%s: part %s took %.0f s", self.s.name, name, time.monotonic() - t0)
+            if on_part is not None:
+                on_part(self.row)
         self.row.ooms = count_ooms(self.server.log_text()[log_start:])
         self.vram.stop()
         return self.row

@@ -63,8 +63,8 @@ class Scenario:
 SCENARIOS = {
     s.name: s
     for s in (
-        Scenario("sd15-lora", "sd15", "train_lora_sd15", 8, 300),
-        Scenario("sdxl-lora", "sdxl", "train_lora_sdxl", 12, 150, resolution=1024),
+        Scenario("sd15-lora", "sd15", "train_lora_sd15", 8, 200),
+        Scenario("sdxl-lora", "sdxl", "train_lora_sdxl", 12, 100, resolution=1024),
         Scenario("sd3-lora", "sd3", "train_full_sd3_medium", 16, 100, resolution=1024, with_t5=True,
                  overrides={"_method": "lora"}),
         Scenario("sd15-full", "sd15", "train_full_sd3_medium", 16, 200, overrides={"resolution": 512}),
