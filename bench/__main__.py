@@ -2,7 +2,7 @@
 
 On the GPU (real-size models with random weights, built from the shipped configs)::
 
-    python -m bench                       # issue 7's table: reference vs our defaults
+    python -m bench                       # issue 7's table: reference, peer (compiled reference), our defaults
     python -m bench --cases sdxl-lora-b4 --variants ref,eager,blocks,regions,default
     python -m bench --e2e sdxl-lora-b4:240:20 --cases none   # end to end through train()
     accelerate launch --num_processes 2 -m bench --cases none --e2e sdxl-lora-b4:90:30
@@ -39,6 +39,8 @@ from .ours import our_step, variant_settings
 from .reference import reference_step
 
 log = logging.getLogger("finetune")
+#: Variants that run the plain loop rather than our trainer: the reference and the peer (compiled).
+REFERENCES = ("ref", "peer")
 
 
 def _free(device: torch.device, *, reset_compiled: bool = True) -> None:
@@ -123,7 +125,7 @@ def run_case(
     trace_dir: Path | None = None,
     keep_compiled: bool = False,
 ) -> list[Measurement]:
-    """Measure every variant of one case ("ref" = the reference loop)."""
+    """Measure every variant of one case ("ref" = the reference loop, "peer" = it compiled)."""
     rows: list[Measurement] = []
     for variant in variants:
         name = f"{case.name} {variant}"
@@ -138,10 +140,10 @@ def run_case(
         t_build = time.perf_counter()
         session = graphs = None
         try:
-            if variant == "ref":
-                step, model = reference_step(case, device, smoke=smoke)
+            if variant in REFERENCES:
+                step, model = reference_step(case, device, smoke=smoke, peer=variant == "peer")
                 count = step
-                note = ""
+                note = "whole denoiser under torch.compile" if variant == "peer" else ""
             else:
                 settings = variant_settings(variant, VARIANTS[variant], device=device)
                 ours = our_step(case, device, settings, smoke=smoke)
@@ -163,7 +165,7 @@ def run_case(
                 )
             build_s = time.perf_counter() - t_build
             key = (case.arch, case.method, case.batch, case.resolution)
-            if key not in flops_cache and (variant == "ref" or not VARIANTS[variant].compile):
+            if key not in flops_cache and (variant == "ref" or (variant != "peer" and not VARIANTS[variant].compile)):
                 flops_cache[key] = _count_flops(count, model, case, device)
             m = measure(
                 name,
@@ -226,9 +228,12 @@ def run_case(
         if m.profile:
             print(f"  profile {m.name}: {m.profile}", flush=True)
     ref = next((r for r in rows if r.name.endswith(" ref") and not math.isnan(r.samples_per_s)), None)
+    peer = next((r for r in rows if r.name.endswith(" peer") and not math.isnan(r.samples_per_s)), None)
     for r in rows:
         if ref is not None and not math.isnan(r.samples_per_s):
             r.ratio = r.samples_per_s / ref.samples_per_s
+        if peer is not None and not math.isnan(r.samples_per_s):
+            r.peer_ratio = r.samples_per_s / peer.samples_per_s
     return rows
 
 
@@ -250,12 +255,12 @@ def _fmt(x: float, spec: str) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-HEADER = f"{'case / variant':34} {'samples/s':>9} {'x ref':>6} {'step ms':>8} {'peak GiB':>8} {'busy':>5} {'MFU':>5} {'compile s':>9}  note"
+HEADER = f"{'case / variant':34} {'samples/s':>9} {'x ref':>6} {'x peer':>6} {'step ms':>8} {'peak GiB':>8} {'busy':>5} {'MFU':>5} {'compile s':>9}  note"
 
 
 def row_text(m: Measurement) -> str:
     return (
-        f"{m.name:34} {_fmt(m.samples_per_s, '9.2f')} {_fmt(m.ratio, '6.2f') if m.ratio else '     -'} {_fmt(m.step_ms, '8.1f')} "
+        f"{m.name:34} {_fmt(m.samples_per_s, '9.2f')} {_fmt(m.ratio, '6.2f') if m.ratio else '     -'} {_fmt(m.peer_ratio, '6.2f') if m.peer_ratio else '     -'} {_fmt(m.step_ms, '8.1f')} "
         f"{_fmt(m.peak_gib, '8.2f')} {_fmt(m.gpu_busy, '5.2f')} {_fmt(m.mfu, '5.2f')} {_fmt(m.compile_s, '9.1f')}  {m.note}"
     )
 
@@ -280,7 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--cases", default=",".join(TABLE), help=f"comma list, 'none' or 'all' (known: {', '.join(CASES)})"
     )
-    p.add_argument("--variants", default="ref,default", help=f"comma list: ref and/or {', '.join(VARIANTS)}")
+    p.add_argument(
+        "--variants",
+        default="ref,peer,default",
+        help=f"comma list: ref, peer (ref with the denoiser compiled) and/or {', '.join(VARIANTS)}",
+    )
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--timed", type=int, default=20)
     p.add_argument(
@@ -352,14 +361,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     unknown = [n for n in names if n not in table]
     variants = [v for v in args.variants.split(",") if v]
-    bad = [v for v in variants if v != "ref" and v not in VARIANTS]
+    bad = [v for v in variants if v not in REFERENCES and v not in VARIANTS]
     parity_cases = set(filter(None, args.parity.split(",")))
     if stray := sorted(parity_cases - set(names)):
         say(f"--parity {stray}: also name them in --cases", file=sys.stderr)
         return 2
     if unknown or bad:
         say(
-            f"unknown cases {unknown} or variants {bad}; cases: {list(table)}; variants: ref, {list(VARIANTS)}",
+            f"unknown cases {unknown} or variants {bad}; cases: {list(table)}; variants: ref, peer, {list(VARIANTS)}",
             file=sys.stderr,
         )
         return 2

@@ -33,6 +33,7 @@ class Measurement:
         mfu: model FLOPs per step (forward + backward, no recomputation) / step time / peak.
         compile_s: warm-up time beyond ``warmup`` steady steps (compilation, autotuning).
         ratio: samples/s over the reference's (filled in by the report).
+        peer_ratio: samples/s over the peer's (the reference with the denoiser compiled).
         losses: every step's loss, warm-up included (the parity check compares them).
         note: anything unusual.
         profile: where the time goes (``--profile``).
@@ -46,6 +47,7 @@ class Measurement:
     mfu: float
     compile_s: float = 0.0
     ratio: float = 0.0
+    peer_ratio: float = 0.0
     losses: list[float] = field(default_factory=list)
     note: str = ""
     profile: str = ""

@@ -77,9 +77,12 @@ def denoiser_forward(
 
 
 def reference_step(
-    case: BenchCase, device: torch.device, *, smoke: bool = False
+    case: BenchCase, device: torch.device, *, smoke: bool = False, peer: bool = False
 ) -> tuple[Callable[[], torch.Tensor], nn.Module]:
     """Build the model and the plain loop's step for ``case``.
+
+    ``peer``: the same loop with the whole denoiser under ``torch.compile`` (default mode) -- what
+    a user who knows PyTorch would do instead of our trainer (the ``peer`` variant of the table).
 
     Returns:
         ``(step, model)``; ``step()`` does one optimizer step and returns the loss tensor.
@@ -104,6 +107,9 @@ def reference_step(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     batch = fake_batch(model, case.arch, case.batch, case.resolution, device)
+    # Off the GPU (--smoke) the peer's graph runs through aot_eager: the plumbing, not inductor's C++.
+    backend = "inductor" if device.type == "cuda" else "aot_eager"
+    forward_model = torch.compile(model, backend=backend) if peer else model
     g = torch.Generator(device).manual_seed(1)
     alphas_cumprod = torch.linspace(0.9999, 0.005, 1000, device=device)
 
@@ -121,7 +127,7 @@ def reference_step(
             noisy = alphas.sqrt() * x0 + (1 - alphas).sqrt() * noise
             target = noise
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-            pred = denoiser_forward(model, case.arch, noisy, t, batch)
+            pred = denoiser_forward(forward_model, case.arch, noisy, t, batch)
         loss = F.mse_loss(pred.float(), target.float())
         loss.backward()
         opt.step()

@@ -156,10 +156,13 @@ def test_documented_bench_commands_exist_with_their_flags():
         match = re.search(r"-m (bench(?:\.\w+)?)\b(.*)", command)
         if match:
             found.setdefault(match.group(1), set()).update(re.findall(r"(--[a-z0-9-]+)", match.group(2)))
-    assert set(found) == {"bench", "bench.sweep_speed"}
+    assert set(found) == {"bench", "bench.sweep_speed", "bench.comfy_gpu"}
     assert {"--cases", "--variants", "--e2e", "--smoke"} <= found["bench"]
+    assert {"--scenarios", "--card-gib", "--smoke", "--comfy", "--python", "--out"} <= found["bench.comfy_gpu"]
     for module, flags in found.items():
         path = ROOT / (module.replace(".", "/") + ".py" if "." in module else "bench/__main__.py")
+        if path.with_suffix("").is_dir():  # a package: its command line is in __main__.py
+            path = path.with_suffix("") / "__main__.py"
         source = path.read_text(encoding="utf-8")
         assert sorted(f for f in flags if f'"{f}"' not in source) == [], module
 

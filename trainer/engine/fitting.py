@@ -29,12 +29,18 @@ def free_gpu_memory(device: torch.device, host: HostHooks) -> int | None:
     fraction. None on the CPU."""
     if device.type != "cuda":
         return None
-    free, total = torch.cuda.mem_get_info(device)
+    free, _ = torch.cuda.mem_get_info(device)
     seen = host.free_vram(device)
     if seen is not None:
         free = seen
-    fraction = torch.cuda.get_per_process_memory_fraction(device)
-    if fraction < 1.0:  # the allocator refuses past fraction × total whatever the driver says
+    # get_per_process_memory_fraction wants an index: a run's device is often plain "cuda".
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fraction = torch.cuda.get_per_process_memory_fraction(index)
+    if fraction < 1.0:
+        # The allocator refuses past fraction × the device's memory (its properties' total, which
+        # is what the fraction is of, whatever mem_get_info reports: bench/comfy_gpu's card
+        # emulation makes that an N GiB card).
+        total = torch.cuda.get_device_properties(index).total_memory
         free = min(free, int(fraction * total) - torch.cuda.memory_reserved(device))
     return max(0, int(free))
 
