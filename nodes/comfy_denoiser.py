@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -512,31 +511,19 @@ class ComfyDenoiser(TrainableDenoiser):
     def save_adapter(self, path: Path, *, step: int, epoch: int, ctx) -> Path:
         from ..trainer.config import Arch
         from ..trainer.engine.failures import writing
-        from ..trainer.lora import kohya_metadata, save_lora
+        from ..trainer.lora import save_lora
 
         comfy_lora.verify_keys(self.patcher.model, self.keys, self.family)
         config = self.config
         flow = self.prediction_type == "flow"
-        meta = kohya_metadata(
-            config=config,
+        meta = ctx.lora_metadata(
+            path,
             arch=Arch.SD3 if flow else Arch.SD15,
             base_model_name=f"ComfyUI {self.family} MODEL",
-            base_model_hash="",
             step=step,
             epoch=epoch,
-            total_steps=ctx.plan.total_steps,
-            num_train_images=ctx.summary.num_train_images,
-            dataset_dirs=ctx.summary.dataset_dirs,
-            tag_frequency=ctx.summary.tag_frequency,
-            training_started_at=ctx.started_at,
-            bucket_info=ctx.summary.bucket_info,
-            num_epochs=ctx.plan.epochs,
-            num_batches_per_epoch=ctx.plan.steps_per_epoch,
-            num_processes=ctx.num_processes,
             prediction_type=None if flow else self.prediction_type,
-            resolution=ctx.config.resolution or self.native_resolution,
-            saved_at=time.time(),
-            output_name=path.stem,
+            resolution=config.resolution or self.native_resolution,
         )
         meta.update(comfy_lora.family_metadata(self.family))
         with writing(path):

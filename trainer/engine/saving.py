@@ -66,11 +66,48 @@ class CheckpointContext:
     """What every checkpoint's metadata needs, fixed for the run."""
 
     config: TrainConfig
-    bundle: ModelBundle
+    bundle: ModelBundle | None  # None: a model the host holds (no file of ours to describe)
     plan: StepPlan
     summary: DatasetSummary
     started_at: float
     num_processes: int = 1
+
+    def lora_metadata(
+        self,
+        path: Path,
+        *,
+        arch: str,
+        base_model_name: str,
+        base_model_hash: str = "",
+        step: int,
+        epoch: int,
+        prediction_type: str | None,
+        resolution: int | None = None,
+    ) -> dict[str, str]:
+        """kohya's ``ss_*`` / ``modelspec.*`` metadata of the LoRA checkpoint at ``path``."""
+        summary, plan = self.summary, self.plan
+        return kohya_metadata(
+            config=self.config,
+            arch=arch,
+            base_model_name=base_model_name,
+            base_model_hash=base_model_hash,
+            step=step,
+            epoch=epoch,
+            total_steps=plan.total_steps,
+            num_train_images=summary.num_train_images,
+            dataset_dirs=summary.dataset_dirs,
+            tag_frequency=summary.tag_frequency,
+            training_started_at=self.started_at,
+            bucket_info=summary.bucket_info,
+            num_epochs=plan.epochs,
+            num_batches_per_epoch=plan.steps_per_epoch,
+            num_processes=self.num_processes,
+            prediction_type=prediction_type,
+            resolution=resolution,
+            saved_at=time.time(),
+            output_name=path.stem,
+            trigger_phrase=_trigger(self.config),
+        )
 
 
 def _base_name(source: str) -> str:
@@ -105,26 +142,14 @@ def save_checkpoint(
         tensors = lora_state_dict(
             denoiser, encoders, bundle.arch, alpha=config.lora_alpha, dtype=torch.float16
         )
-        meta = kohya_metadata(
-            config=config,
+        meta = ctx.lora_metadata(
+            path,
             arch=bundle.arch,
             base_model_name=_base_name(bundle.source),
             base_model_hash=bundle.source_hash,
             step=step,
             epoch=epoch,
-            total_steps=ctx.plan.total_steps,
-            num_train_images=ctx.summary.num_train_images,
-            dataset_dirs=ctx.summary.dataset_dirs,
-            tag_frequency=ctx.summary.tag_frequency,
-            training_started_at=ctx.started_at,
-            bucket_info=ctx.summary.bucket_info,
-            num_epochs=ctx.plan.epochs,
-            num_batches_per_epoch=ctx.plan.steps_per_epoch,
-            num_processes=ctx.num_processes,
             prediction_type=bundle.prediction_type if bundle.prediction_type != "flow" else None,
-            saved_at=time.time(),
-            output_name=path.stem,
-            trigger_phrase=_trigger(config),
         )
         with writing(path):
             save_lora(path, tensors, meta)
