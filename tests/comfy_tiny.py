@@ -89,7 +89,8 @@ def import_comfy():
 
 
 def randomize(module: torch.nn.Module, *, seed: int, scale: float = 1.0) -> None:
-    """Seeded values of a sane size for every parameter (ComfyUI builds layers uninitialised)."""
+    """Seeded values of a sane size for every parameter and persistent float buffer (ComfyUI builds
+    layers uninitialised)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for sub in module.modules():
@@ -102,6 +103,14 @@ def randomize(module: torch.nn.Module, *, seed: int, scale: float = 1.0) -> None
                 else:
                     values = 0.02 * torch.randn(p.shape, generator=generator)
                 p.copy_(values.to(p.dtype))
+        # Persistent float buffers are weights a checkpoint carries, and ComfyUI allocates them with
+        # torch.empty too (SD3's pos_embed): left alone they hold whatever memory the allocator
+        # hands back, zeros in a fresh process, garbage (even NaN) after other tests. Filled after
+        # the parameters, so those keep their values.
+        for sub in module.modules():
+            for name, b in sub.named_buffers(recurse=False):
+                if b.is_floating_point() and name not in sub._non_persistent_buffers_set:
+                    b.copy_((0.02 * torch.randn(b.shape, generator=generator)).to(b.dtype))
 
 
 def tiny_model(family: str, *, seed: int = 0, state_dict: dict | None = None):
