@@ -36,14 +36,14 @@ pytestmark = pytest.mark.comfyui
 TRAIN_NODES = ("FinetuneTrainLoRA", "FinetuneTrainFull")
 MAX_WIDGETS = 20
 MAX_HEIGHT = 700
-# What most runs set; a fresh Train node shows these (memory_mode once the option exists).
+# What most runs set; a fresh Train node shows these.
 LORA_SHOWN = [
     "ckpt_name", "run_name", "lora_rank", "lora_alpha", "learning_rate", "batch_size", "epochs", "max_steps",
-    "resolution", "checkpoint_every", "validation_prompts", "validation_every",
+    "resolution", "checkpoint_every", "validation_prompts", "validation_every", "memory_mode",
 ]  # fmt: skip
 FULL_SHOWN = [
     "ckpt_name", "unet_name", "run_name", "learning_rate", "batch_size", "epochs", "max_steps", "resolution",
-    "train_text_encoder", "checkpoint_every", "validation_prompts", "validation_every",
+    "train_text_encoder", "checkpoint_every", "validation_prompts", "validation_every", "memory_mode",
 ]  # fmt: skip
 DATASET = "my-dataset"  # the folder the shipped workflows load
 TINY_MODEL = {"sd15": "ft-nodes-tiny-sd15", "sdxl": "ft-nodes-tiny-sdxl", "sd3": "ft-nodes-tiny-sd3"}
@@ -65,6 +65,7 @@ MEASURE = """(node) => {
         width: Math.round(node.size[0]),
         shown: shown.map((w) => w.name),
         widgets: node.widgets?.filter((w) => !w.hidden).length ?? 0,
+        names: node.widgets?.filter((w) => !w.hidden).map((w) => w.name) ?? [],
     };
 }"""
 ADD_NODE = """([type, x, y]) => {
@@ -157,9 +158,8 @@ def test_fresh_nodes_are_compact_and_reach_every_widget(
         assert len(size["shown"]) <= MAX_WIDGETS, (node_type, size["shown"])
         assert size["height"] <= MAX_HEIGHT, (node_type, size["height"])
         assert size["seed_controls"] == {"seed": "fixed"}
-    # memory_mode (auto) is shown too once trainer/config.py has it.
     for node_type, shown in (("FinetuneTrainLoRA", LORA_SHOWN), ("FinetuneTrainFull", FULL_SHOWN)):
-        assert [n for n in sizes[node_type]["shown"] if n != "memory_mode"] == shown
+        assert sizes[node_type]["shown"] == shown
     for node_type, size in sizes.items():
         with Image.open(size["screenshot"]) as img:
             assert img.size == (1280, 800)
@@ -168,7 +168,8 @@ def test_fresh_nodes_are_compact_and_reach_every_widget(
             assert "Show Advanced" in size["menu"], node_type
             assert len(size["advanced_shown"]["shown"]) == size["widgets"], node_type
             assert size["advanced_shown"]["height"] > size["height"], node_type
-            assert size["hidden_again"] == {k: size[k] for k in ("height", "width", "shown", "widgets")}
+            kept = ("height", "width", "shown", "widgets")
+            assert {k: size["hidden_again"][k] for k in kept} == {k: size[k] for k in kept}
         else:
             assert size["advanced_shown"]["shown"] == size["shown"], node_type
     # Seeds of runs and dataset draws start fixed (KSampler-like randomize would change the run).
@@ -474,7 +475,9 @@ def test_show_advanced_and_edited_values_survive_save_and_load(
     )
     assert values == [{"lr_scheduler": "linear", "seed": 7, "control": "fixed"}] * 2
     after = [_measure(page, node_id) for node_id in (shown, folded)]
-    assert len(after[0]["shown"]) == after[0]["widgets"] == 74
-    assert after[1]["shown"] == LORA_SHOWN + [n for n in after[1]["shown"] if n == "memory_mode"]
+    frozen = ws.read_json(ws.ROOT / "tests" / "data" / "train_widget_order.json")["FinetuneTrainLoRA"]
+    assert after[0]["shown"] == after[0]["names"]
+    assert set(frozen) | {"memory_mode"} <= set(after[0]["shown"])
+    assert after[1]["shown"] == LORA_SHOWN
     assert after[1]["height"] <= MAX_HEIGHT < after[0]["height"]
     assert browser.errors == []

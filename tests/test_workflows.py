@@ -361,15 +361,14 @@ def test_train_widget_order_only_grows_at_the_end():
     [
         ("FinetuneTrainLoRA", ["ckpt_name", "run_name", "lora_rank", "lora_alpha", "learning_rate", "batch_size",
                                "epochs", "max_steps", "resolution", "checkpoint_every", "validation_prompts",
-                               "validation_every"]),
+                               "validation_every", "memory_mode"]),
         ("FinetuneTrainFull", ["ckpt_name", "unet_name", "run_name", "learning_rate", "batch_size", "epochs",
                                "max_steps", "resolution", "train_text_encoder", "checkpoint_every",
-                               "validation_prompts", "validation_every"]),
+                               "validation_prompts", "validation_every", "memory_mode"]),
     ],
 )  # fmt: skip
 def test_a_train_node_shows_what_most_runs_set_and_marks_the_rest_advanced(node_id, shown):
     widgets = DEFS[node_id].widgets
     not_advanced = [s.name for s in widgets if not s.options.get("advanced")]
-    # memory_mode (auto) joins the shown ones once trainer/config.py has it.
-    assert [n for n in not_advanced if n != "memory_mode"] == shown
+    assert not_advanced == shown
     assert len(widgets) > 60
