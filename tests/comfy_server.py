@@ -97,6 +97,13 @@ def import_pack(module: str = "") -> types.ModuleType:
     return importlib.import_module(f"{PACK}.{module}" if module else PACK)
 
 
+#: Why in-process ComfyUI tests skip: ComfyUI must import in the Python that runs pytest.
+NO_COMFY_API = (
+    "ComfyUI's comfy_api is not importable: set COMFYUI_PATH and run pytest with ComfyUI's own Python "
+    "(README: Tests that need a real ComfyUI)"
+)
+
+
 def comfy_api_available() -> bool:
     """True if ComfyUI's ``comfy_api`` imports (``COMFYUI_PATH`` is put on ``sys.path`` first)."""
     path = os.environ.get("COMFYUI_PATH")

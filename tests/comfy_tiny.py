@@ -79,12 +79,17 @@ def import_comfy():
     comfy.cli_args.args.cpu = True
     # torch's SDPA (ComfyUI's --use-pytorch-cross-attention): its CPU default is far slower here.
     comfy.cli_args.args.use_pytorch_cross_attention = True
-    import comfy.lora  # noqa: F401
-    import comfy.model_management  # noqa: F401
-    import comfy.model_patcher  # noqa: F401
-    import comfy.sd  # noqa: F401
-    import comfy.supported_models  # noqa: F401
-
+    try:
+        import comfy.lora  # noqa: F401
+        import comfy.model_management  # noqa: F401
+        import comfy.model_patcher  # noqa: F401
+        import comfy.sd  # noqa: F401
+        import comfy.supported_models  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            f"ComfyUI in {root} does not import in {sys.executable} ({e}); run the real-host tests with "
+            "ComfyUI's own Python (README: Tests that need a real ComfyUI)"
+        ) from None
     return comfy
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_server import comfy_api_available, import_pack
+from comfy_server import NO_COMFY_API, comfy_api_available, import_pack
 from safetensors.torch import save_file
 
 if not comfy_api_available():
-    pytest.skip("ComfyUI's comfy_api is not importable (set COMFYUI_PATH)", allow_module_level=True)
+    pytest.skip(NO_COMFY_API, allow_module_level=True)
 
 from trainer.checkpoints import fingerprint, list_checkpoints  # noqa: E402
 from trainer.strip import compute_layout  # noqa: E402

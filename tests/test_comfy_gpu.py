@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from bench.comfy_gpu import bundle, card, table
+from bench.comfy_gpu import server as srv
 from bench.comfy_gpu.__main__ import card_for, parse_args, settings_for
 from bench.comfy_gpu.runner import Row, RunResult, count_ooms, loss_gap, steady_window
 from bench.comfy_gpu.scenarios import (
@@ -90,6 +91,16 @@ def test_the_allocator_cap_leaves_the_context_inside_the_card():
     fail, fit = card.probe_sizes(plan)
     assert fail == 8 * GIB
     assert fit == pytest.approx(6 * GIB, abs=1)
+
+
+def test_comfyuis_dynamic_vram_is_left_the_cards_room():
+    """comfy-aimdo stages weights outside PyTorch's fraction (the GPU run saw a 12 GiB card's
+    process peak at 15.55 GiB): its headroom is the rest of the real GPU."""
+    h100 = 85_017_493_504  # what NVML reported on the device
+    assert card.dynamic_vram_headroom(12, h100) == pytest.approx(h100 / GIB - 12)
+    assert srv.dynamic_vram_args(12, h100) == ["--vram-headroom", "67.18"]
+    assert card.dynamic_vram_headroom(100, h100) == 0.0
+    assert srv.dynamic_vram_args(12, None) == []  # no NVML: the CPU smoke
 
 
 @pytest.mark.parametrize(

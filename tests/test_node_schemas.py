@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from comfy_server import comfy_api_available, import_pack
+from comfy_server import NO_COMFY_API, comfy_api_available, import_pack
 from PIL import Image
 
 from trainer.config import CaptionPolicy, DatasetPart, DatasetSource, DatasetSpec, TrainConfig
@@ -19,9 +19,7 @@ from trainer.data.captions import draw_caption
 host = import_pack("nodes.host")
 
 HAVE_COMFY = comfy_api_available()
-needs_comfy = pytest.mark.skipif(
-    not HAVE_COMFY, reason="ComfyUI's comfy_api is not importable (set COMFYUI_PATH)"
-)
+needs_comfy = pytest.mark.skipif(not HAVE_COMFY, reason=NO_COMFY_API)
 
 DATASET_NODE_IDS = [
     "FinetuneLoadDataset",

@@ -18,7 +18,7 @@ import re
 import pytest
 import workflow_sync as ws
 import workflow_tools as wt
-from comfy_server import comfy_api_available, import_pack
+from comfy_server import NO_COMFY_API, comfy_api_available, import_pack
 
 DEFS = wt.load_defs(wt.SNAPSHOT)
 SNAPSHOT = ws.read_json(wt.SNAPSHOT)
@@ -300,9 +300,7 @@ def test_complete_api_adds_new_widgets_at_their_default_and_drops_unknown_ones()
 # The snapshot against the node classes (needs comfy_api)
 
 HAVE_COMFY = comfy_api_available()
-needs_comfy = pytest.mark.skipif(
-    not HAVE_COMFY, reason="ComfyUI's comfy_api is not importable (set COMFYUI_PATH)"
-)
+needs_comfy = pytest.mark.skipif(not HAVE_COMFY, reason=NO_COMFY_API)
 
 
 def _normalised(info: dict) -> dict:

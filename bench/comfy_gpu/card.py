@@ -10,6 +10,12 @@ How it is done (the harness prints this):
   ``get_free_memory``, the trainer's memory mode): ``torch.cuda.mem_get_info`` answers
   ``(N - context - reserved by this process, N)``, never more than the real free memory. ComfyUI
   keeps its own default ``--reserve-vram`` headroom on top, as on a real card of that size.
+- ComfyUI's DynamicVRAM (comfy-aimdo, on by default in v0.33 on CUDA) stages model weights with
+  its own allocator, outside PyTorch's fraction, and budgets from NVML's view of the whole GPU.
+  The server is started with ``--vram-headroom`` = real size − N GiB (:func:`dynamic_vram_headroom`),
+  which aimdo keeps free "counting VRAM from other apps", so its budget is the card too. That
+  headroom is fixed at start: lifting the cap for the uncapped twin run (``/harness/card``) frees
+  the trainer, not ComfyUI's staging.
 
 The hook is a ``sitecustomize.py`` the harness writes into a folder that only the server's
 ``PYTHONPATH`` names; it reads ``FINETUNE_CARD_GIB`` and applies the cap at the first CUDA memory
@@ -74,6 +80,25 @@ def plan_card(card_gib: float, real_total_bytes: int, context_bytes: int) -> Car
         )
     fraction = cap / real_total_bytes
     return CardPlan(card, real_total_bytes, context_bytes, fraction, int(fraction * real_total_bytes))
+
+
+def dynamic_vram_headroom(card_gib: float, real_total_bytes: int) -> float:
+    """``--vram-headroom`` in GiB that leaves ComfyUI's DynamicVRAM an N GiB card's room."""
+    return max(0.0, real_total_bytes / GIB - card_gib)
+
+
+def gpu_total_bytes(index: int = 0) -> int | None:
+    """The GPU's size from NVML (no CUDA context in the harness's process), or None without one."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).total)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML or no GPU: the CPU smoke
+        return None
 
 
 def clamped_mem_info(plan: CardPlan, real_free: int, reserved: int) -> tuple[int, int]:

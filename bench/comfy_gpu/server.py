@@ -172,6 +172,14 @@ class Server:
                 self.proc.wait(timeout=20)
 
 
+def dynamic_vram_args(card_gib: float, real_total_bytes: int | None) -> list[str]:
+    """ComfyUI's DynamicVRAM budgets from NVML's whole GPU, past PyTorch's cap: the headroom that
+    leaves it the card (see :mod:`bench.comfy_gpu.card`); nothing when the GPU's size is unknown."""
+    if real_total_bytes is None:
+        return []
+    return ["--vram-headroom", f"{card.dynamic_vram_headroom(card_gib, real_total_bytes):.2f}"]
+
+
 def start(
     comfy: Path,
     python: str,
@@ -206,6 +214,8 @@ def start(
     ]  # fmt: skip
     if cpu:
         cmd.append("--cpu")
+    elif card_gib:
+        cmd += dynamic_vram_args(card_gib, card.gpu_total_bytes())
     paths = [str(hook_dir)] if card_gib is not None else []
     if site is not None:
         paths.append(str(site))

@@ -82,6 +82,17 @@ class InputSettings:
     caption_variants: int = 8
     t5_max_length: int = 77
 
+    @classmethod
+    def of(cls, config) -> InputSettings:
+        """The input options of a run's config (a TrainConfig or anything with its fields)."""
+        return cls(
+            seed=config.seed,
+            crop=config.crop,
+            flip=config.flip,
+            caption_variants=config.caption_variants,
+            t5_max_length=config.t5_max_length,
+        )
+
 
 class InputBuilder:
     """Makes :class:`DenoiserInputs` for draws, through the latent and text caches.
@@ -360,13 +371,7 @@ def input_builder_for(
         dataset=dataset,
         buckets=buckets,
         bundle=bundle,
-        settings=InputSettings(
-            seed=config.seed,
-            crop=config.crop,
-            flip=config.flip,
-            caption_variants=config.caption_variants,
-            t5_max_length=config.t5_max_length,
-        ),
+        settings=InputSettings.of(config),
         device=device,
         dtype=dtype,
         latent_store=TensorStore(mode=latent_mode, root=root / "latents"),
