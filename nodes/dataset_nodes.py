@@ -24,7 +24,7 @@ from ..trainer.data.materialize import save_dataset
 from ..trainer.data.preview import dataset_summary, preview_samples, problems_report
 from ..trainer.data.scan import ScannedDataset, scan_dataset
 from ..trainer.plan import StepPlan
-from ..trainer.planning import plan_run
+from ..trainer.planning import plan_run, scan_for_run
 from ..trainer.strip import labeled_strip
 from . import host
 from .images import pil_to_image
@@ -64,6 +64,10 @@ _PLAN_OVERRIDES = {
     }
 }
 _CADENCE_FIELDS = ["checkpoint_every", "validation_every", "lr_warmup"]
+# The size rule of the scan (images far below the smallest bucket are left out unless upscaling is
+# allowed), as on the Train node. Optional and last: prompts and workflows saved before still load.
+_SIZE_FIELDS = ["min_bucket_resolution", "max_bucket_resolution", "allow_upscale"]
+_SIZE_OVERRIDES = {name: {"optional": True} for name in _SIZE_FIELDS}
 # What memory_mode needs to know besides the plan (the model is not connected here).
 _MEMORY_FIELDS = ["arch", "method", "lora_rank", "memory_mode"]
 _MEMORY_OVERRIDES = {
@@ -103,10 +107,14 @@ def _with_policies(spec: DatasetSpec, values: dict, *, node: str) -> DatasetSpec
     return DatasetSpec(parts=parts)
 
 
-def _plan_for(scanned: ScannedDataset, values: dict, *, node: str, num_processes: int = 1) -> StepPlan:
-    """The plan the trainer will follow for ``scanned`` under the training widgets ``values``."""
-    config = values_to_config(TrainConfig, values, node=node)
-    return plan_run(config, scanned, resolution=config.resolution, num_processes=num_processes).plan
+def _scan_and_plan(
+    dataset: DatasetSpec, values: dict, *, node: str, num_processes: int = 1
+) -> tuple[ScannedDataset, StepPlan]:
+    """The dataset as the trainer will scan it (with its size rule) and the plan it will follow,
+    under the training widgets ``values``."""
+    config = dataclasses.replace(values_to_config(TrainConfig, values, node=node), dataset=dataset)
+    scanned = scan_for_run(config, config.resolution)
+    return scanned, plan_run(config, scanned, resolution=config.resolution, num_processes=num_processes).plan
 
 
 def dataset_report(scanned: ScannedDataset) -> str:
@@ -344,6 +352,7 @@ class DatasetPreview(io.ComfyNode):
                     tooltip="Longest side of each tile in pixels (images are shrunk to it, never enlarged).",
                 ),  # fmt: skip
                 *inputs_for(TrainConfig, _PLAN_FIELDS, overrides=_PLAN_OVERRIDES),
+                *inputs_for(TrainConfig, _SIZE_FIELDS, overrides=_SIZE_OVERRIDES),
             ],
             outputs=[
                 io.Image.Output("grid", tooltip="The drawn samples with their captions, as one image."),
@@ -362,7 +371,7 @@ class DatasetPreview(io.ComfyNode):
         tile_size: int,
         **plan_values,
     ) -> io.NodeOutput:
-        scanned = scan_dataset(dataset)
+        scanned, plan = _scan_and_plan(dataset, plan_values, node="Dataset Preview")
         samples = preview_samples(scanned, epoch=epoch, seed=seed, count=count)
         tiles = []
         for image, _ in samples:
@@ -371,7 +380,6 @@ class DatasetPreview(io.ComfyNode):
             tiles.append(tile)
         labels = [caption or "(caption dropped)" for _, caption in samples]
         grid = pil_to_image(labeled_strip(tiles, labels, columns=min(columns, len(tiles))))
-        plan = _plan_for(scanned, plan_values, node="Dataset Preview")
         report = f"{plan.describe()}\n\n{dataset_report(scanned)}"
         return io.NodeOutput(grid, report, ui={**ui.PreviewImage(grid, cls=cls).as_dict(), "text": (report,)})
 
@@ -394,6 +402,7 @@ class StepPlanNode(io.ComfyNode):
                 *inputs_for(TrainConfig, [*_PLAN_FIELDS, *_CADENCE_FIELDS], overrides=_PLAN_OVERRIDES),
                 _num_processes_input(),
                 *inputs_for(TrainConfig, _MEMORY_FIELDS, overrides=_MEMORY_OVERRIDES),
+                *inputs_for(TrainConfig, _SIZE_FIELDS, overrides=_SIZE_OVERRIDES),
             ],
             outputs=[
                 io.String.Output(
@@ -415,7 +424,7 @@ class StepPlanNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, dataset: DatasetSpec, num_processes: int, **values) -> io.NodeOutput:
-        plan = _plan_for(scan_dataset(dataset), values, node="Step Plan", num_processes=num_processes)
+        _, plan = _scan_and_plan(dataset, values, node="Step Plan", num_processes=num_processes)
         config = values_to_config(TrainConfig, values, node="Step Plan")
         auto = config.arch == Arch.AUTO
         memory = "memory: choose arch to see what memory_mode picks" if auto else memory_line(config)

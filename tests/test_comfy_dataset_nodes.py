@@ -27,10 +27,12 @@ DATASET_INPUTS = {
     "FinetuneMergeDatasets": ["dataset_1", "dataset_2", "dataset_3", "dataset_4", "dataset_5", "dataset_6"],
     "FinetuneDatasetPreview": [
         "dataset", "epoch", "seed", "count", "columns", "tile_size", "batch_size", "gradient_accumulation", "epochs", "max_steps", "resolution", "buckets",
+        "min_bucket_resolution", "max_bucket_resolution", "allow_upscale",
     ],
     "FinetuneStepPlan": [
         "dataset", "batch_size", "gradient_accumulation", "epochs", "max_steps", "resolution", "buckets", "checkpoint_every", "validation_every",
-        "lr_warmup", "num_processes", "arch", "method", "lora_rank", "memory_mode",
+        "lr_warmup", "num_processes", "arch", "method", "lora_rank", "memory_mode", "min_bucket_resolution",
+        "max_bucket_resolution", "allow_upscale",
     ],
     "FinetuneSaveDataset": ["dataset", "folder", "seed", "overwrite"],
 }  # fmt: skip
@@ -40,21 +42,21 @@ COLOURS = {"apple": (220, 20, 20), "sky": (20, 40, 230)}
 
 
 def _write_dataset(root: Path) -> Path:
-    """``root/2_fruit/{apple,sky}.png`` (32 px, solid colours) with comma-tag captions."""
+    """``root/2_fruit/{apple,sky}.png`` (64 px, solid colours) with comma-tag captions."""
     folder = root / "2_fruit"
     folder.mkdir(parents=True, exist_ok=True)
     for stem, caption in CAPTIONS.items():
-        Image.new("RGB", (32, 32), COLOURS[stem]).save(folder / f"{stem}.png")
+        Image.new("RGB", (64, 64), COLOURS[stem]).save(folder / f"{stem}.png")
         (folder / f"{stem}.txt").write_text(caption, encoding="utf-8")
     return root
 
 
-def _load(folder: str) -> dict:
+def _load(folder: str, *, on_problem: str = "stop") -> dict:
     return {
         "class_type": "FinetuneLoadDataset",
         "inputs": {
             "folder": folder, "caption_extension": ".txt", "recursive": True, "folder_name_as_caption": False,
-            "on_problem": "stop", "alpha_background": "#ffffff",
+            "on_problem": on_problem, "alpha_background": "#ffffff",
         },
     }  # fmt: skip
 
@@ -153,7 +155,7 @@ def test_preview_shows_a_grid_and_the_plan_and_reruns_when_the_folder_changes(co
         "4 samples per epoch, batch 2 -> 2 steps per epoch; 3 epoch(s) = 6 steps."
     )
     assert "No problems: 2 images, 4 samples per epoch." in first["text"][0]
-    Image.new("RGB", (32, 32), (0, 200, 0)).save(root / "2_fruit" / "leaf.png")
+    Image.new("RGB", (64, 64), (0, 200, 0)).save(root / "2_fruit" / "leaf.png")
     (root / "2_fruit" / "leaf.txt").write_text("tok, green", encoding="utf-8")
     second = comfy.run(prompt)["outputs"]["3"]  # the same prompt: only the folder's fingerprint changed
     assert second["text"][0].startswith(
@@ -182,3 +184,42 @@ def test_dataset_problems_fail_the_load_node_with_every_bad_file(comfy: ComfyCli
     assert f"  - {folder / 'apple.png'}: missing caption (expected apple.txt)" in message
     assert f"  - {folder / 'empty.png'}: zero-byte file" in message
     assert f"  - {folder / 'empty.png'}: missing caption (expected empty.txt)" in message
+
+
+def test_preview_and_step_plan_leave_out_tiny_images_as_the_trainer_does(comfy: ComfyClient):
+    """A 1x1 image is far below the smallest bucket (256 px at 512): the trainer leaves it out
+    under on_problem=skip, so the preview and the plan count without it, and say so; with
+    allow_upscale on it is trained enlarged and counted."""
+    folder = _write_dataset(comfy.input_dir / "tiny_set") / "2_fruit"
+    Image.new("RGB", (1, 1), (0, 0, 0)).save(folder / "dot.png")
+    (folder / "dot.txt").write_text("tok, dot", encoding="utf-8")
+    plan = {
+        "class_type": "FinetuneStepPlan",
+        "inputs": {
+            "dataset": ["1", 0], "batch_size": 2, "gradient_accumulation": 1, "epochs": 3, "max_steps": 0,
+            "resolution": 512, "buckets": True, "checkpoint_every": 0, "validation_every": 0, "lr_warmup": 0,
+            "num_processes": 1, "arch": "sd15", "method": "lora", "lora_rank": 16, "memory_mode": "auto",
+        },
+    }  # fmt: skip
+    shown = {"class_type": "PreviewAny", "inputs": {"source": ["3", 0]}}  # Step Plan is no output node
+    prompt = {"1": _load("tiny_set", on_problem="skip"), "2": _preview("1"), "3": plan, "4": shown}
+    outputs = comfy.run(prompt)["outputs"]
+    report = outputs["2"]["text"][0]
+    assert report.startswith("4 samples per epoch, batch 2 -> 2 steps per epoch; 3 epoch(s) = 6 steps.")
+    assert "1 file(s) left out (on_problem is 'skip'):" in report
+    assert (
+        f"  - {folder / 'dot.png'}: image too small (1x1 px, far below the smallest bucket side of 256 px); "
+        "use a larger image, or turn on allow_upscale" in report
+    )
+    assert outputs["4"]["text"][0].startswith("4 samples per epoch, batch 2 -> 2 steps per epoch")
+
+    for node in ("2", "3"):
+        prompt[node]["inputs"]["allow_upscale"] = True
+    outputs = comfy.run(prompt)["outputs"]
+    for node in ("2", "4"):
+        assert outputs[node]["text"][0].startswith("6 samples per epoch, batch 2 -> 3 steps per epoch"), node
+    assert "No problems: 3 images, 6 samples per epoch." in outputs["2"]["text"][0]
+
+    with pytest.raises(ComfyError) as info:  # on_problem=stop: refused, naming the file
+        comfy.run({"1": _load("tiny_set"), "2": _preview("1")})
+    assert f"{folder / 'dot.png'}: image too small" in str(info.value)

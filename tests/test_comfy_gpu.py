@@ -180,6 +180,10 @@ def test_sd3_lora_moves_the_shipped_sd3_settings_onto_a_train_lora_node_with_t5(
     assert inputs["lora_rank"] == 16 and inputs["batch_size"] == 6  # LoRA inputs, the SD3 run's batch
     plans = [n["inputs"] for n in prompt.values() if n["class_type"] == "FinetuneStepPlan"]
     assert plans and plans[0]["max_steps"] == 100 and plans[0]["validation_every"] == 0
+    smoke = training_prompt(SCENARIOS["sd3-lora"], run_name="sd3", steps=4, smoke=True)
+    (plan,) = [n["inputs"] for n in smoke.values() if n["class_type"] == "FinetuneStepPlan"]
+    # the plan scans with the Train node's bucket sizes (its size rule leaves out the same images)
+    assert (plan["min_bucket_resolution"], plan["max_bucket_resolution"]) == (64, 128)
 
 
 def test_renders_use_stock_nodes_and_the_sweep_is_the_shipped_one():

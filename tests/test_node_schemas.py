@@ -315,6 +315,7 @@ def test_step_plan_numbers(tmp_path):
     out = nodes.StepPlanNode.execute(
         dataset=_spec(folder), batch_size=6, gradient_accumulation=1, epochs=30, max_steps=0,
         resolution=512, buckets=True, checkpoint_every=0, validation_every=0, lr_warmup=0.1, num_processes=1,
+        allow_upscale=True,  # the 16 px images would be left out as far below the 256 px buckets
     )  # fmt: skip
     summary, *numbers = out.args
     # 5 images x 10 repeats = 50 samples / batch 6 -> 9 steps per epoch; x 30 = 270; warm-up 10 % = 27

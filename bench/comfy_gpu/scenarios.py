@@ -141,7 +141,10 @@ def training_prompt(
     # A Step Plan node (SD3 workflow) shows the plan; keep its inputs in step with the Train node.
     for other in prompt.values():
         if other["class_type"] == "FinetuneStepPlan":
-            for key in ("batch_size", "max_steps", "resolution", "checkpoint_every", "validation_every"):
+            for key in (
+                "batch_size", "max_steps", "resolution", "checkpoint_every", "validation_every",
+                "min_bucket_resolution", "max_bucket_resolution", "allow_upscale",
+            ):  # fmt: skip
                 if key in other["inputs"] and key in inputs:
                     other["inputs"][key] = inputs[key]
             if "method" in other["inputs"]:
