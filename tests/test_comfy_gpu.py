@@ -15,7 +15,7 @@ import pytest
 from bench.comfy_gpu import bundle, card, table
 from bench.comfy_gpu import server as srv
 from bench.comfy_gpu.__main__ import card_for, parse_args, settings_for
-from bench.comfy_gpu.runner import Row, RunResult, count_ooms, loss_gap, steady_window
+from bench.comfy_gpu.runner import Row, RunResult, count_ooms, loss_gap, memory_choice, steady_window
 from bench.comfy_gpu.scenarios import (
     MODEL_FILES,
     SCENARIOS,
@@ -321,3 +321,18 @@ def test_the_trainers_free_memory_reads_a_capped_process_on_a_plain_cuda_device(
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: GIB)
     assert fitting.free_gpu_memory(torch.device("cuda"), Host()) == 7 * GIB  # 0.1 × 80 − 1 reserved
     assert calls == [0]
+
+
+def test_the_row_notes_say_what_memory_mode_chose_for_each_run():
+    log = (
+        "\x1b[32m[INFO]\x1b[0m finetune: run sdxl-lora-a: memory auto: 11.1 GiB free; SDXL LoRA 1024 b1 needs ~6.2 GiB, "
+        "fits as configured\n"
+        "\x1b[32m[INFO]\x1b[0m finetune: run sdxl-lora-b: vae, text_encoder_0 left the GPU\n"
+        "\x1b[32m[INFO]\x1b[0m finetune: run sdxl-lora-b: memory auto: 5.8 GiB free; SDXL LoRA 1024 b1 needs ~6.2 GiB "
+        "→ fp8 base weights (~3.8 GiB)\n"
+    )
+    assert memory_choice(log, "sdxl-lora-b") == (
+        "memory auto: 5.8 GiB free; SDXL LoRA 1024 b1 needs ~6.2 GiB → fp8 base weights (~3.8 GiB)"
+    )
+    assert memory_choice(log, "sdxl-lora-a").endswith("fits as configured")
+    assert memory_choice(log, "sdxl-lora-u") == ""

@@ -132,6 +132,16 @@ def count_ooms(text: str) -> int:
     return len(OOM_PATTERN.findall(text))
 
 
+def memory_choice(log: str, run: str) -> str:
+    """What memory_mode chose for ``run``: its ``finetune: run <name>: memory …`` log line."""
+    marker = f"finetune: run {run}: "
+    for line in log.splitlines():
+        at = line.find(marker)
+        if at >= 0 and line[at + len(marker) :].startswith("memory "):
+            return line[at + len(marker) :].strip()
+    return ""
+
+
 class ScenarioRunner:
     """Runs the parts of one scenario on ``server`` and fills a :class:`Row`."""
 
@@ -184,8 +194,7 @@ class ScenarioRunner:
         config = detail.get("config") or {}
         batch = int(config.get("batch_size") or 1) * int(config.get("gradient_accumulation") or 1)
         peaks = [float(r["peak_vram"]) for r in rows if r.get("peak_vram")]
-        # What memory_mode chose: the message of the run's first "running" state event.
-        chosen = next((m for _, st, m in self.server.run_states(run) if st == "running" and m), "")
+        chosen = memory_choice(self.server.log_text(), run)
         result = RunResult(
             name=run,
             state=detail["state"],
