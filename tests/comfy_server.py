@@ -97,11 +97,9 @@ def import_pack(module: str = "") -> types.ModuleType:
     return importlib.import_module(f"{PACK}.{module}" if module else PACK)
 
 
-#: Why in-process ComfyUI tests skip: ComfyUI must import in the Python that runs pytest.
-NO_COMFY_API = (
-    "ComfyUI's comfy_api is not importable: set COMFYUI_PATH and run pytest with ComfyUI's own Python "
-    "(README: Tests that need a real ComfyUI)"
-)
+#: The fix when ComfyUI does not import in-process: it must import in the Python that runs pytest.
+RUN_WITH_COMFY_PYTHON = "run pytest with ComfyUI's own Python (README: Tests that need a real ComfyUI)"
+NO_COMFY_API = f"ComfyUI's comfy_api is not importable: set COMFYUI_PATH and {RUN_WITH_COMFY_PYTHON}"
 
 
 def comfy_api_available() -> bool:

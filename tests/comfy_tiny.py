@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+from comfy_server import RUN_WITH_COMFY_PYTHON
 
 CONTEXT = 32  # text width of every tiny family
 POOLED = 32
@@ -87,8 +88,7 @@ def import_comfy():
         import comfy.supported_models  # noqa: F401
     except ImportError as e:
         raise ImportError(
-            f"ComfyUI in {root} does not import in {sys.executable} ({e}); run the real-host tests with "
-            "ComfyUI's own Python (README: Tests that need a real ComfyUI)"
+            f"ComfyUI in {root} does not import in {sys.executable} ({e}); {RUN_WITH_COMFY_PYTHON}"
         ) from None
     return comfy
 
