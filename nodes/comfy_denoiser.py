@@ -176,16 +176,16 @@ class LoraLayer(nn.Module):
         return (h @ self.down.t() @ self.up.t()) * self.scale
 
 
-class _Bypass:
-    """Patches one layer's forward while the clone is injected."""
+class _ForwardPatch:
+    """Replaces one module's forward while the training clone is injected (ComfyUI calls
+    :meth:`inject` when it loads the clone and :meth:`eject` when it loads another patcher of the
+    same model), so a prompt rendering the base model meanwhile runs the module unpatched."""
 
-    def __init__(self, layer: nn.Module, lora: LoraLayer):
+    def __init__(self, layer: nn.Module):
         self.layer = layer
-        self.lora = lora
 
-    def __call__(self, x, *args, **kwargs):
-        out = self.layer.__class__.forward(self.layer, x, *args, **kwargs)
-        return out + self.lora(x).to(out.dtype)
+    def original(self, *args, **kwargs):
+        return self.layer.__class__.forward(self.layer, *args, **kwargs)
 
     def inject(self) -> None:
         self.layer.forward = self
@@ -195,8 +195,20 @@ class _Bypass:
             del self.layer.forward
 
 
-class _NormOnCopy:
-    """Runs a norm layer of a block on a copy of its input while the clone is injected.
+class _Bypass(_ForwardPatch):
+    """Adds a LoRA pair beside one linear layer."""
+
+    def __init__(self, layer: nn.Module, lora: LoraLayer):
+        super().__init__(layer)
+        self.lora = lora
+
+    def __call__(self, x, *args, **kwargs):
+        out = self.original(x, *args, **kwargs)
+        return out + self.lora(x).to(out.dtype)
+
+
+class _NormOnCopy(_ForwardPatch):
+    """Runs a norm layer of a block on a copy of its input.
 
     ComfyUI's blocks update activations in place after a norm has read them (``x += …`` in Flux's
     blocks), which autograd refuses once the LoRA makes those activations require gradients: the
@@ -204,20 +216,74 @@ class _NormOnCopy:
     changes only ``x``. Costs one activation per norm, only while gradients are recorded.
     """
 
-    def __init__(self, layer: nn.Module):
-        self.layer = layer
-
     def __call__(self, x, *args, **kwargs):
         if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
             x = x.clone()
-        return self.layer.__class__.forward(self.layer, x, *args, **kwargs)
+        return self.original(x, *args, **kwargs)
 
-    def inject(self) -> None:
-        self.layer.forward = self
 
-    def eject(self) -> None:
-        if self.layer.__dict__.get("forward") is self:
-            del self.layer.forward
+class _Recompute(_ForwardPatch):
+    """Gradient checkpointing of one block: only its inputs are kept for backward, which runs the
+    block again to get its activations.
+
+    Each pass runs on copies of the block's arguments: ComfyUI's blocks update their input
+    activations in place (``img += …``), which would change what the recomputation starts from,
+    and callers change ``transformer_options`` for the next block. The recomputation runs in
+    backward, outside the step's forward, so it sets ComfyUI's ``in_training`` flag itself (the
+    same kernels as the first pass).
+
+    Args:
+        preserve_rng_state: replay the forward's random draws (only LoRA dropout draws any).
+    """
+
+    def __init__(self, layer: nn.Module, *, preserve_rng_state: bool):
+        super().__init__(layer)
+        self.preserve_rng_state = preserve_rng_state
+
+    def __call__(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.original(*args, **kwargs)
+        # The dicts as they are now: the recomputation runs after the caller changed them.
+        args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+        kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
+        return torch.utils.checkpoint.checkpoint(
+            self._pass, *args, use_reentrant=False, preserve_rng_state=self.preserve_rng_state, **kwargs
+        )
+
+    def _pass(self, *args, **kwargs):
+        with _training_kernels():
+            return self.original(*map(_fresh, args), **{k: _fresh(v) for k, v in kwargs.items()})
+
+
+def _fresh(value):
+    """A copy a block may change in place (tensors and dicts); anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    return dict(value) if isinstance(value, dict) else value
+
+
+def checkpoint_units(diffusion_model: nn.Module) -> list[str]:
+    """The blocks gradient checkpointing recomputes: the first modules with layers of their own
+    found in the model's block lists (``nn.ModuleList``/``nn.Sequential``, entered from the top).
+
+    That is each double and single block of Flux, each joint block of SD3, each layer of Lumina 2,
+    and each ResBlock, SpatialTransformer and resampler of a UNet (whose ``input_blocks`` hold
+    ``TimestepEmbedSequential`` lists of them, which ComfyUI calls layer by layer). Embedders and
+    output layers outside lists are left as they are: their activations are small.
+    """
+    containers = (nn.ModuleList, nn.Sequential)
+    units: list[str] = []
+
+    def visit(module: nn.Module, prefix: str, listed: bool) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            if isinstance(child, containers):
+                visit(child, f"{path}.", True)
+            elif listed and next(child.children(), None) is not None:
+                units.append(path)
+
+    visit(diffusion_model, "", False)
+    return units
 
 
 def _norms(diffusion_model: nn.Module) -> list[nn.Module]:
@@ -300,7 +366,8 @@ class ComfyDenoiser(TrainableDenoiser):
         self.patcher = None
         self.layers: dict[str, LoraLayer] = {}
         self.keys: dict[str, str] = {}
-        self.bypasses: list[_Bypass] = []
+        self.bypasses: list[_ForwardPatch] = []
+        self.checkpointed: list[str] = []  # the blocks gradient checkpointing recomputes
         self.config: TrainConfig | None = None
         self.device = torch.device("cpu")
         self.reloads = 0  # how often the clone had to be loaded (ComfyUI swapped it out meanwhile)
@@ -334,6 +401,11 @@ class ComfyDenoiser(TrainableDenoiser):
             self.bypasses.append(_Bypass(layer, lora))
 
         self.bypasses += [_NormOnCopy(norm) for norm in _norms(model.diffusion_model)]
+        self.checkpointed = checkpoint_units(model.diffusion_model) if config.gradient_checkpointing else []
+        self.bypasses += [
+            _Recompute(modules[name], preserve_rng_state=config.lora_dropout > 0)
+            for name in self.checkpointed
+        ]
 
         def inject(_patcher) -> None:
             for bypass in self.bypasses:
@@ -353,10 +425,11 @@ class ComfyDenoiser(TrainableDenoiser):
             out.named[f"lora.{name}.down"] = lora.down
             out.named[f"lora.{name}.up"] = lora.up
         log.info(
-            "finetune: training %d LoRA layers on ComfyUI's %s model (%s)",
+            "finetune: training %d LoRA layers on ComfyUI's %s model (%s)%s",
             len(self.layers),
             self.family,
             self.prediction_type,
+            f", recomputing {len(self.checkpointed)} blocks in backward" if self.checkpointed else "",
         )
         return out
 
@@ -395,6 +468,7 @@ class ComfyDenoiser(TrainableDenoiser):
             "source": "ComfyUI MODEL",
             "comfy_model_class": type(self.base.model).__name__,
             "layers": len(self.layers),
+            "checkpointed_blocks": len(self.checkpointed),
         }
 
     # Objective --------------------------------------------------------------------------------

@@ -32,13 +32,18 @@ DISPLAY = "Train LoRA (Model)"
 _FILE_ONLY = {
     "arch", "allow_pickle", "train_text_encoder", "text_encoder_lr", "prediction_type", "flow_shift", "use_t5",
     "t5_max_length", "compile", "channels_last", "cuda_graphs", "allow_tf32", "cudnn_benchmark",
-    "cache_latents", "cache_text", "gradient_checkpointing", "memory_mode",
+    "cache_latents", "cache_text", "memory_mode",
 }  # fmt: skip
 _COMMON = [
     "run_name", "lora_rank", "lora_alpha", "lora_targets", "learning_rate", "lr_scheduler", "lr_warmup",
     "optimizer", "batch_size", "epochs", "max_steps", "resolution", "mixed_precision", "checkpoint_every",
     "validation_prompts", "validation_every", "seed",
 ]  # fmt: skip
+# Added after the node first shipped: last, so saved workflows keep their widget values in place.
+_APPENDED = ["gradient_checkpointing"]
+# The models this path exists for (Flux, SD3.5, Lumina...) need it to train at 1024 on the cards
+# people own; ComfyUI's own training node turns it on by default too.
+_OVERRIDES = {"gradient_checkpointing": {"default": True}}
 
 
 class TrainLoRAModel(_TrainNode):
@@ -67,7 +72,9 @@ class TrainLoRAModel(_TrainNode):
                 FtDataset.Input(
                     "dataset", tooltip="The training images and captions (from Load Dataset and friends)."
                 ),
-                *_option_inputs(_COMMON, _LORA_SHOWN, exclude=_FILE_ONLY, overrides={}),
+                *_option_inputs(
+                    _COMMON, _LORA_SHOWN, exclude=_FILE_ONLY, overrides=_OVERRIDES, appended=_APPENDED
+                ),
             ],
             outputs=_train_outputs(),
         )

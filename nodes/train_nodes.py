@@ -63,19 +63,28 @@ _LORA_ONLY = {"lora_rank", "lora_alpha", "lora_dropout", "lora_targets"}
 _TOOLTIPS = {f.name: option_info(f).tooltip for f in dataclasses.fields(TrainConfig)}
 
 
-def _option_order(head: list[str], *, exclude: set[str]) -> list[str]:
-    """The TrainConfig widgets of a Train node in their stored order (see ``_LORA_HEAD``)."""
+def _option_order(head: list[str], *, exclude: set[str], appended: list[str] = _APPENDED) -> list[str]:
+    """The TrainConfig widgets of a Train node in their stored order (see ``_LORA_HEAD``).
+
+    Args:
+        appended: options added after the node first shipped, last in the order they came.
+    """
     known = [n for n in widget_names(TrainConfig) if n not in exclude and n not in _NODE_FILLED]
-    appended = [n for n in _APPENDED if n in known]
+    appended = [n for n in appended if n in known]
     rest = [n for n in known if n not in head and n not in appended]
     return [*head, *rest, *appended]
 
 
 def _option_inputs(
-    head: list[str], shown: set[str], *, exclude: set[str], overrides: dict[str, dict]
+    head: list[str],
+    shown: set[str],
+    *,
+    exclude: set[str],
+    overrides: dict[str, dict],
+    appended: list[str] = _APPENDED,
 ) -> list[io.Input]:
     """The TrainConfig widgets of a Train node, in stored order; those not in ``shown`` advanced."""
-    names = _option_order(head, exclude=exclude)
+    names = _option_order(head, exclude=exclude, appended=appended)
     merged = {n: dict(overrides.get(n, {})) for n in names}
     for name in names:
         merged[name]["advanced"] = name not in shown or None
