@@ -73,8 +73,8 @@ class EventLog:
         self._thread.join(5)
         self._ws.close()
 
-    def of(self, kind: str) -> list[dict]:
-        return [m["data"] for m in self.messages if m["type"] == kind and m["data"].get("run") == RUN]
+    def of(self, kind: str, run: str = RUN) -> list[dict]:
+        return [m["data"] for m in self.messages if m["type"] == kind and m["data"].get("run") == run]
 
 
 def _options(spec: list) -> list:
@@ -254,6 +254,88 @@ def test_training_runs_in_the_background_and_its_lora_reaches_the_loader(models:
     # Queued again once finished: the same run is reused, nothing retrains.
     again = comfy.run(_training_prompt(comfy), timeout=120)
     assert again["outputs"]["3"]["text"][0].startswith(f"run '{RUN}': finished, step {STEPS}/{STEPS}")
+
+
+# A test-only custom node: a "render" that works until the test says so (a file appears), then
+# runs out of GPU memory.
+OOM_NODE = """
+import os
+import time
+
+import torch
+
+
+class FinetuneTestOutOfMemory:
+    CATEGORY = "testing"
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ()
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"until": ("STRING", {"default": ""})}}
+
+    def run(self, until):
+        deadline = time.monotonic() + 300
+        while not os.path.exists(until) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+NODE_CLASS_MAPPINGS = {"FinetuneTestOutOfMemory": FinetuneTestOutOfMemory}
+"""
+
+
+def test_a_prompt_that_runs_out_of_memory_during_a_run_fails_alone(tmp_path):
+    """A render that runs out of memory while a run trains: ComfyUI reports that prompt's error
+    (and unloads its models, as it does on any OOM); the run paused for it, goes on and finishes,
+    and the server takes the next prompt."""
+    (tmp_path / "custom_nodes").mkdir()
+    (tmp_path / "custom_nodes" / "finetune_test_oom.py").write_text(OOM_NODE, encoding="utf-8")
+    proc, comfy = start_server(comfyui_path(), tmp_path)
+    events = EventLog(comfy.url)
+    try:
+        _install_models(comfy)
+        steps = 40
+        prompt = _training_prompt(
+            comfy, run_name="oom", max_steps=steps, checkpoint_every=steps, validation_every=0,
+            validation_prompts="",
+        )  # fmt: skip
+        comfy.run(prompt, timeout=120)
+        _wait_for(lambda: (_get(comfy, "/finetune/runs/oom")["step"] or 0) >= 2, timeout=300, what="step 2")
+        go = tmp_path / "run-out-of-memory-now"
+        failing = comfy.queue({"1": {"class_type": "FinetuneTestOutOfMemory", "inputs": {"until": str(go)}}})
+        at_failure = _wait_for(
+            lambda: (d := _get(comfy, "/finetune/runs/oom"))["state"] == "paused" and d,
+            timeout=300,
+            what="the run's pause for the prompt",
+        )
+        go.touch()
+        failed = _wait_for(lambda: comfy.history(failing), timeout=120, what="the prompt's end")
+        done = _wait_for(
+            lambda: (
+                (d := _get(comfy, "/finetune/runs/oom"))["state"] not in ("queued", "running", "paused") and d
+            ),
+            timeout=600,
+            what="the run's end",
+        )
+        again = comfy.run(prompt, timeout=120)
+    finally:
+        events.close()
+        stop_server(proc)
+    assert failed["status"]["status_str"] == "error"
+    (error,) = [data for kind, data in failed["status"]["messages"] if kind == "execution_error"]
+    assert error["exception_type"] == "torch.OutOfMemoryError"
+    assert at_failure["step"] < steps and at_failure["message"] == "waiting while ComfyUI runs a prompt"
+    assert (done["state"], done["step"]) == ("finished", steps), done["message"]
+    states = [e["state"] for e in events.of("finetune.state", run="oom")]
+    assert "paused" in states and states[-1] == "finished"
+    assert again["status"]["status_str"] == "success"
+    assert again["outputs"]["3"]["text"][0].startswith(f"run 'oom': finished, step {steps}/{steps}")
+    log = comfy.log_tail(400)
+    assert "Got an OOM, unloading all loaded models." in log
+    lines = [line.lower() for line in log.splitlines()]
+    assert [line for line in lines if "finetune:" in line and ("error" in line or "fail" in line)] == []
 
 
 def test_quitting_comfyui_saves_the_running_run_at_its_current_step(tmp_path):
