@@ -245,7 +245,8 @@ class ComfyHostHooks(HostHooks):
       a running prompt to finish, since unloading under it would break that prompt).
     - ``reserve``: raise ComfyUI's ``EXTRA_RESERVED_VRAM`` by what the trainers hold, so ComfyUI
       loads its models in low-VRAM mode instead of running out of memory; ``reserve(0)`` gives it back.
-    - ``is_busy``: True while ComfyUI's executor runs a prompt (the trainer pauses between steps).
+    - ``is_busy``: True while ComfyUI runs a prompt or has one queued (the trainer pauses between
+      steps).
 
     Called from training threads. Never touches ``comfy.utils.ProgressBar`` or the interrupt
     flag, which belong to the executing prompt.
@@ -265,9 +266,9 @@ class ComfyHostHooks(HostHooks):
         import comfy.model_management as mm
 
         deadline = time.monotonic() + self.busy_wait_s
-        while self.is_busy() and time.monotonic() < deadline:
+        while self.is_running() and time.monotonic() < deadline:
             time.sleep(0.2)
-        if self.is_busy():
+        if self.is_running():
             log.warning(
                 "finetune: ComfyUI is still running a prompt; its models stay loaded while the trainer starts"
             )
@@ -308,15 +309,27 @@ class ComfyHostHooks(HostHooks):
         return max(0, int(mm.get_free_memory(device)) - kept)
 
     def is_busy(self) -> bool:
-        server = prompt_server()
-        queue = getattr(server, "prompt_queue", None)
-        if queue is None:
-            return False
-        if hasattr(queue, "get_current_queue_volatile"):  # v0.3.40+: no deep copy of the queue
-            running, _ = queue.get_current_queue_volatile()
-        else:
-            running, _ = queue.get_current_queue()
+        """True while a prompt runs or waits in the queue: between back-to-back prompts the run
+        stays paused instead of squeezing a step in beside the next render."""
+        running, queued = _prompt_queue()
+        return bool(running or queued)
+
+    def is_running(self) -> bool:
+        """True while a prompt executes (its models must not be unloaded under it)."""
+        running, _ = _prompt_queue()
         return bool(running)
+
+
+def _prompt_queue() -> tuple[list, list]:
+    """ComfyUI's running and queued prompts (both empty without a server)."""
+    queue = getattr(prompt_server(), "prompt_queue", None)
+    if queue is None:
+        return [], []
+    if hasattr(queue, "get_current_queue_volatile"):  # v0.3.40+: no deep copy of the queue
+        running, queued = queue.get_current_queue_volatile()
+    else:
+        running, queued = queue.get_current_queue()
+    return list(running), list(queued)
 
 
 def vram_for_a_new_run() -> tuple[Any, int | None]:

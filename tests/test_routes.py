@@ -328,7 +328,8 @@ def fake_comfy(monkeypatch, tmp_path):
     comfy_pkg = types.ModuleType("comfy")
     comfy_pkg.model_management = mm
     running: list = []
-    queue = types.SimpleNamespace(get_current_queue_volatile=lambda: (list(running), []))
+    queued: list = []
+    queue = types.SimpleNamespace(get_current_queue_volatile=lambda: (list(running), list(queued)))
     server_mod = types.ModuleType("server")
     server_mod.PromptServer = types.SimpleNamespace(instance=types.SimpleNamespace(prompt_queue=queue))
     registered: list = []
@@ -338,7 +339,7 @@ def fake_comfy(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
     monkeypatch.setitem(sys.modules, "server", server_mod)
     monkeypatch.setitem(sys.modules, "folder_paths", folder_paths)
-    return types.SimpleNamespace(mm=mm, running=running, registered=registered)
+    return types.SimpleNamespace(mm=mm, running=running, queued=queued, registered=registered)
 
 
 def test_reserve_raises_comfyui_reserved_vram_per_trainer_and_restores_it(fake_comfy):
@@ -363,6 +364,13 @@ def test_is_busy_and_free_memory_follow_the_prompt_queue(fake_comfy):
     assert hooks.is_busy() is False
     hooks.free_memory()
     assert fake_comfy.mm.calls == ["unload_all_models", "soft_empty_cache"]
+    # A prompt waiting in the queue keeps the run paused, but nothing runs that unloading would break.
+    fake_comfy.queued.append((1, "prompt-2", {}, {}, []))
+    assert hooks.is_busy() is True
+    fake_comfy.mm.calls.clear()
+    hooks.free_memory()
+    assert fake_comfy.mm.calls == ["unload_all_models", "soft_empty_cache"]
+    fake_comfy.queued.clear()
     fake_comfy.running.append((0, "prompt-1", {}, {}, []))
     assert hooks.is_busy() is True
     fake_comfy.mm.calls.clear()

@@ -507,7 +507,7 @@ class TrainConfig:
     )
     pause_while_host_busy: bool = option(
         True,
-        tooltip="Pause between steps while ComfyUI renders a prompt, and continue when it is idle.",
+        tooltip="Pause between steps while ComfyUI runs or has queued a prompt, and continue when its queue is empty.",
         advanced=True,
     )
     # Options added after the first release go last: ComfyUI saves a node's widget values by

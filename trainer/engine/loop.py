@@ -57,7 +57,7 @@ from .validation import save_samples
 
 log = logging.getLogger("finetune")
 
-_BUSY_POLL_S = 0.25
+_BUSY_POLL_S = 0.1
 _RESERVE_DELTA = 64 * 2**20  # report GPU memory changes of 64 MiB or more to the host
 
 
