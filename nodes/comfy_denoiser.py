@@ -366,7 +366,7 @@ class ComfyDenoiser(TrainableDenoiser):
         self.patcher = None
         self.layers: dict[str, LoraLayer] = {}
         self.keys: dict[str, str] = {}
-        self.bypasses: list[_ForwardPatch] = []
+        self.forward_patches: list[_ForwardPatch] = []
         self.checkpointed: list[str] = []  # the blocks gradient checkpointing recomputes
         self.config: TrainConfig | None = None
         self.device = torch.device("cpu")
@@ -398,22 +398,22 @@ class ComfyDenoiser(TrainableDenoiser):
                 generator=generator,
             ).to(runtime.device)
             self.layers[name] = lora
-            self.bypasses.append(_Bypass(layer, lora))
+            self.forward_patches.append(_Bypass(layer, lora))
 
-        self.bypasses += [_NormOnCopy(norm) for norm in _norms(model.diffusion_model)]
+        self.forward_patches += [_NormOnCopy(norm) for norm in _norms(model.diffusion_model)]
         self.checkpointed = checkpoint_units(model.diffusion_model) if config.gradient_checkpointing else []
-        self.bypasses += [
+        self.forward_patches += [
             _Recompute(modules[name], preserve_rng_state=config.lora_dropout > 0)
             for name in self.checkpointed
         ]
 
         def inject(_patcher) -> None:
-            for bypass in self.bypasses:
-                bypass.inject()
+            for patch in self.forward_patches:
+                patch.inject()
 
         def eject(_patcher) -> None:
-            for bypass in self.bypasses:
-                bypass.eject()
+            for patch in self.forward_patches:
+                patch.eject()
 
         patcher.set_injections(INJECTION_KEY, [PatcherInjection(inject=inject, eject=eject)])
         self.patcher = patcher
