@@ -345,3 +345,26 @@ def test_a_finished_run_is_not_overwritten(tmp_path, data):
     again = train(config, model_loader=loader(), device="cpu")
     assert again.state == RunState.FAILED
     assert again.message.startswith("run_name: 'tiny' already has checkpoints in ")
+
+
+def test_a_finished_run_holds_nothing_of_its_model(tmp_path, data):
+    """When a run ends, its model, optimizer and caches are freed at once (and the GPU's cached
+    blocks handed back), not when Python's cycle collector next runs: inside ComfyUI the next run
+    or prompt needs that memory."""
+    import gc
+    import weakref
+
+    held = []
+
+    def load(_config):
+        bundle = tiny_bundle(Arch.SD15, seed=0)
+        held.append(weakref.ref(bundle.denoiser))
+        return bundle
+
+    gc.disable()  # only the run itself may collect its cycles
+    try:
+        result = train(tiny_config(tmp_path, data, max_steps=2, epochs=10), model_loader=load, device="cpu")
+        assert result.state == RunState.FINISHED, result.message
+        assert [ref() for ref in held] == [None]
+    finally:
+        gc.enable()

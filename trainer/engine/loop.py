@@ -20,6 +20,7 @@ host (ComfyUI) is busy. Every failure ends the run with one clear message (see
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import logging
 import math
@@ -106,7 +107,7 @@ def train(
     Returns:
         A :class:`RunResult`; failures are returned as FAILED with their message, not raised.
     """
-    return _Run(
+    run = _Run(
         config,
         callbacks=callbacks,
         commands=commands or Commands(),
@@ -114,7 +115,24 @@ def train(
         resume=resume,
         device=device,
         model_loader=model_loader,
-    ).run()
+    )
+    try:
+        return run.run()
+    finally:
+        del run
+        _free_what_the_run_held()
+
+
+def _free_what_the_run_held() -> None:
+    """Free the ended run's model, optimizer and caches now and hand the GPU's cached blocks back.
+
+    The run's objects form reference cycles (callbacks bound to it), which Python frees only when
+    its cycle collector next runs: inside ComfyUI the next run started with the last one's model
+    still on the GPU (SDXL: 5 GiB) and chose leaner settings for it.
+    """
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def library_versions() -> dict[str, str]:
