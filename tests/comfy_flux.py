@@ -284,7 +284,14 @@ def build(out_dir: str | os.PathLike, *, depth: int = 19, single_depth: int = 38
             "seconds": round(time.monotonic() - started, 1),
         }
         log.info("wrote %s: %.2f GB in %.0f s", name, size / 1e9, time.monotonic() - started)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if not out.is_dir():
+            raise
+        # Another build of the same files (a harness prebuild) finished first; they are equal.
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("%s was built meanwhile by another process; kept that one", out)
     return report
 
 
