@@ -247,6 +247,28 @@ def vae_specs() -> list[TensorSpec]:
     return specs_of(model, dtype_for=lambda key, shape: torch.float32)
 
 
+def detected(specs: dict[str, list[TensorSpec]]) -> dict:
+    """What ComfyUI's detection makes of the files' keys, shapes and dtypes (from the specs, on the
+    ``meta`` device: nothing is loaded): the diffusion model's supported_models class and whether its
+    unet_config is Flux.1-dev's (when the depth is), and each text encoder's ``detect_te_model``."""
+    import comfy.model_detection
+    import comfy.sd
+    import comfy.text_encoders.sd3_clip
+
+    def meta(role):
+        return {s.key: torch.empty(s.shape, dtype=s.dtype, device="meta") for s in specs[role]}
+
+    unet = comfy.model_detection.model_config_from_unet(meta("unet"), "")
+    t5 = meta("t5xxl")
+    return {
+        "unet": type(unet).__name__ if unet is not None else None,
+        "unet_config": dict(unet.unet_config) if unet is not None else None,
+        "t5xxl": comfy.sd.detect_te_model(t5).name,
+        "t5xxl_dtype": str(comfy.text_encoders.sd3_clip.t5_xxl_detect(t5).get("dtype_t5")),
+        "clip_l": comfy.sd.detect_te_model(meta("clip_l")).name,
+    }
+
+
 def build(out_dir: str | os.PathLike, *, depth: int = 19, single_depth: int = 38, seed: int = 0,
           threads: int = 1) -> dict:  # fmt: skip
     """Write the four Flux.1-dev files into ``out_dir`` (``FILES``' names, flat), all or none:
@@ -270,10 +292,11 @@ def build(out_dir: str | os.PathLike, *, depth: int = 19, single_depth: int = 38
     report = {"depth": depth, "single_depth": single_depth, "seed": seed, "files": {}}
     if threads > 1:
         torch.set_num_threads(1)  # the pool's workers draw one tensor each; no nested parallelism
+    specs_by_role = {}
     for role, make_specs in builders.items():
         name = FILES[role][1]
         started = time.monotonic()
-        specs = make_specs()
+        specs = specs_by_role[role] = make_specs()
         meta = {"comfy_models.build": f"flux {role} seed {seed} depth {depth}/{single_depth}"}
         size = write_safetensors(tmp / name, specs, seed=seed + len(report["files"]), metadata=meta,
                                  threads=threads)  # fmt: skip
@@ -284,6 +307,11 @@ def build(out_dir: str | os.PathLike, *, depth: int = 19, single_depth: int = 38
             "seconds": round(time.monotonic() - started, 1),
         }
         log.info("wrote %s: %.2f GB in %.0f s", name, size / 1e9, time.monotonic() - started)
+    found = detected(specs_by_role)
+    report["detected"] = {k: v for k, v in found.items() if k != "unet_config"}
+    report["detected"]["flux1_dev_config"] = found["unet_config"] == {
+        **FLUX_DEV_CONFIG, "depth": depth, "depth_single_blocks": single_depth,
+    }  # fmt: skip
     try:
         os.replace(tmp, out)
     except OSError:

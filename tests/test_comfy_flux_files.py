@@ -74,6 +74,14 @@ def test_the_real_size_files_have_flux1_devs_parameters_in_fp8():
     blocks = {s.key.split(".")[0] + "." + s.key.split(".")[1] for s in unet if "blocks." in s.key}
     assert len([b for b in blocks if b.startswith("double_blocks.")]) == 19
     assert len([b for b in blocks if b.startswith("single_blocks.")]) == 38
+    # ComfyUI's detection, from the keys, shapes and dtypes alone: Flux with Flux.1-dev's exact config
+    found = comfy_flux.detected({"unet": unet, "t5xxl": t5, "clip_l": comfy_flux.clip_l_specs()})
+    assert (found["unet"], found["unet_config"]) == ("Flux", comfy_flux.FLUX_DEV_CONFIG)
+    assert (found["t5xxl"], found["t5xxl_dtype"], found["clip_l"]) == (
+        "T5_XXL",
+        "torch.float8_e4m3fn",
+        "CLIP_L",
+    )
 
 
 @pytest.fixture(scope="module")

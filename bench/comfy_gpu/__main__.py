@@ -251,7 +251,10 @@ def run(args: argparse.Namespace) -> int:
         print(table.markdown([row]), flush=True)
         runs = [r for r in (row.alone, row.busy, row.uncapped) if r]
         for line in (
-            table.targets(row) + [f"{r.name}: {r.chosen}" for r in runs] + row.notes + row.render_errors[:5]
+            table.targets(row)
+            + [f"{r.name}: {r.chosen}" for r in runs if r.chosen]
+            + row.notes
+            + row.render_errors[:5]
         ):
             print("  " + line, flush=True)
         (out / "table.md").write_text(table.markdown(rows) + "\n", encoding="utf-8")
