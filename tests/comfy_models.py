@@ -11,6 +11,8 @@ ComfyUI step runs as::
                                                   --expect expect.json --out report.json
     $COMFYUI_PYTHON tests/comfy_models.py denoise --model unet.safetensors --inputs in.safetensors \
                                                   --out out.safetensors --report report.json
+    $COMFYUI_PYTHON tests/comfy_models.py build   --arch flux --out flux/ [--depth 1 --single-depth 1]
+    $COMFYUI_PYTHON tests/comfy_models.py check-flux --folder flux/ --out report.json
 
 (``--fp16-weights`` on ``lora`` and ``denoise`` keeps weights in fp16: SDXL in fp32 next to
 everything else does not fit a 24 GB machine.)
@@ -21,7 +23,10 @@ and the tests import this module only for the launchers at the bottom (:func:`co
 Checkpoints are what ComfyUI itself would save (``comfy.sd.save_checkpoint``: keys from
 ``state_dict_for_saving``), fp16, with every weight drawn from a seeded normal distribution (ComfyUI
 builds its layers without initialising them). SD3 Medium is saved with CLIP-L and CLIP-G and no T5,
-like Stability's ``sd3_medium_incl_clips.safetensors``.
+like Stability's ``sd3_medium_incl_clips.safetensors``. Flux.1-dev is four files, as its users
+download them (diffusion model in fp8, CLIP-L, T5-XXL in fp8, VAE): ``build --arch flux`` writes
+them into a folder, streamed tensor by tensor (:mod:`comfy_flux`), and ``check-flux`` loads them
+with the stock loader nodes.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from pathlib import Path
 
 # Bump to rebuild cached checkpoints when the way they are built changes.
 BUILD_VERSION = "1"
-ARCHS = ("sd15", "sdxl", "sd3")
+ARCHS = ("sd15", "sdxl", "sd3", "flux")  # flux: a folder of four files (comfy_flux.py)
 # The supported_models class ComfyUI must pick for each arch.
 COMFY_CLASS = {"sd15": "SD15", "sdxl": "SDXL", "sd3": "SD3"}
 # ComfyUI's CLIP patcher keys of each text-encoder slot, in our trainer's text_encoders order.
@@ -228,6 +233,18 @@ def build_checkpoint(arch: str, out: str, *, seed: int = 0) -> dict:
     return {"class": type(model_config).__name__, "tensors": len(keys)}
 
 
+def build_flux(out: str, *, depth: int = 19, single_depth: int = 38, seed: int = 0) -> dict:
+    """The Flux.1-dev files (:mod:`comfy_flux`) in the new folder ``out``; reduced depth for the CPU.
+
+    Returns:
+        Per file: tensors, parameters, bytes and seconds.
+    """
+    _import_comfy()
+    import comfy_flux  # beside this file: sys.path[0] when run as a script
+
+    return comfy_flux.build(out, depth=depth, single_depth=single_depth, seed=seed, threads=compat_threads())
+
+
 class _Capture(logging.Handler):
     """Collects log records (ComfyUI reports unloaded LoRA keys only through logging)."""
 
@@ -389,8 +406,13 @@ def _main(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build a real-size random-weight checkpoint")
     b.add_argument("--arch", choices=ARCHS, required=True)
-    b.add_argument("--out", required=True)
+    b.add_argument("--out", required=True, help="the checkpoint file (flux: a new folder for its four files)")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--depth", type=int, default=19, help="flux: double blocks (19 in Flux.1-dev)")
+    b.add_argument("--single-depth", type=int, default=38, help="flux: single blocks (38 in Flux.1-dev)")
+    cf = sub.add_parser("check-flux", help="load built Flux files with the stock loaders and render one step")
+    cf.add_argument("--folder", required=True)
+    cf.add_argument("--out", required=True)
     lo = sub.add_parser("lora", help="apply a LoRA file the way Load LoRA does and measure it")
     lo.add_argument("--checkpoint", required=True)
     lo.add_argument("--lora", required=True)
@@ -407,8 +429,19 @@ def _main(argv: list[str]) -> int:
     d.add_argument("--fp16-weights", action="store_true", help="keep weights in fp16, compute in fp32")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "build":
+    if args.command == "build" and args.arch == "flux":
+        print(
+            json.dumps(build_flux(args.out, depth=args.depth, single_depth=args.single_depth, seed=args.seed))
+        )
+    elif args.command == "build":
         print(json.dumps(build_checkpoint(args.arch, args.out, seed=args.seed)))
+    elif args.command == "check-flux":
+        _import_comfy()
+        import comfy_flux
+
+        report = comfy_flux.check(args.folder)
+        Path(args.out).write_text(json.dumps(report, indent=1), encoding="utf-8")
+        print(json.dumps({"class": report["unet"]["class"], "clip": report["clip"]["class"]}))
     elif args.command == "lora":
         report = check_lora(args.checkpoint, args.lora, args.expect, args.out, fp16_weights=args.fp16_weights)
         print(
@@ -512,6 +545,24 @@ def _cache_key(root: str) -> str:
     version_file = Path(root, "comfyui_version.py")
     version = version_file.read_text(encoding="utf-8") if version_file.is_file() else "unknown"
     return hashlib.sha256(f"{version}\n{BUILD_VERSION}".encode()).hexdigest()[:12]
+
+
+def cached_flux(
+    *, depth: int = 19, single_depth: int = 38, cache_dir: str | os.PathLike | None = None
+) -> Path:
+    """The folder of Flux.1-dev files (:mod:`comfy_flux`) at this depth, built once and cached
+    like :func:`cached_checkpoint` (the reduced-depth folder is named by its depth)."""
+    found = comfy_python()
+    if found is None:
+        raise RuntimeError("COMFYUI_PATH is not set")
+    folder = Path(cache_dir or os.environ.get("FINETUNE_COMFY_CACHE", "/tmp/finetune-comfy-models"))
+    name = "flux" if (depth, single_depth) == (19, 38) else f"flux-depth{depth}x{single_depth}"
+    path = folder / _cache_key(found[0]) / name
+    if not path.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        run_comfy("build", "--arch", "flux", "--out", str(path), "--depth", str(depth),
+                  "--single-depth", str(single_depth))  # fmt: skip
+    return path
 
 
 def cached_checkpoint(arch: str, *, cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:

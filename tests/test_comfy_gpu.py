@@ -14,9 +14,18 @@ import pytest
 
 from bench.comfy_gpu import bundle, card, table
 from bench.comfy_gpu import server as srv
-from bench.comfy_gpu.__main__ import card_for, parse_args, settings_for
+from bench.comfy_gpu.__main__ import (
+    SMOKE_ARCHS,
+    _build_command,
+    cache_name,
+    card_for,
+    link_models,
+    parse_args,
+    settings_for,
+)
 from bench.comfy_gpu.runner import Row, RunResult, count_ooms, loss_gap, memory_choice, steady_window
 from bench.comfy_gpu.scenarios import (
+    FLUX_FILES,
     MODEL_FILES,
     SCENARIOS,
     read_workflow,
@@ -207,6 +216,119 @@ def test_renders_use_stock_nodes_and_the_sweep_is_the_shipped_one():
         1024,
         20,
     )
+
+
+def _links(prompt: dict, node: dict) -> dict[str, tuple[str, dict]]:
+    """The class and inputs of the node behind each linked input of ``node``."""
+    return {
+        name: (prompt[value[0]]["class_type"], prompt[value[0]]["inputs"])
+        for name, value in node["inputs"].items()
+        if isinstance(value, list)
+    }
+
+
+FLUX_LOADERS = {
+    "model": ("UNETLoader", {"unet_name": "flux1-dev.safetensors", "weight_dtype": "fp8_e4m3fn"}),
+    "clip": ("DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp8_e4m3fn.safetensors",
+                                "type": "flux", "device": "default"}),
+    "vae": ("VAELoader", {"vae_name": "ae.safetensors"}),
+}  # fmt: skip
+
+
+def test_the_flux_row_trains_the_shipped_flux_workflow_on_its_stock_loaders():
+    row = SCENARIOS["flux-lora"]
+    assert (row.arch, row.workflow, row.card_gib, row.resolution, row.steps, row.parts, row.method) == (
+        "flux", "train_lora_flux", 24, 1024, 60, "ac", "lora",
+    )  # fmt: skip
+    shipped = read_workflow("train_lora_flux")
+    prompt = training_prompt(row, run_name="flux-lora-a", steps=60)
+    train = prompt[train_node_id(prompt)]
+    assert train["class_type"] == "FinetuneTrainLoRAModel" and set(prompt) == set(shipped)
+    before = shipped[train_node_id(shipped)]["inputs"]
+    changed = {k for k in train["inputs"] if train["inputs"][k] != before.get(k)}
+    assert changed == {"run_name", "max_steps", "epochs", "checkpoint_every", "validation_prompts"}
+    assert set(train["inputs"]) == set(before)  # nothing the node does not have (no ckpt_name, no compile)
+    assert (train["inputs"]["max_steps"], train["inputs"]["checkpoint_every"], train["inputs"]["resolution"]) == (
+        60, 30, 1024,
+    )  # fmt: skip
+    loaders = {k: v for k, v in _links(prompt, train).items() if k != "dataset"}
+    assert loaders == FLUX_LOADERS
+    smoke = training_prompt(row, run_name="s", steps=4, smoke=True)
+    inputs = smoke[train_node_id(smoke)]["inputs"]
+    assert {k: inputs[k] for k in ("resolution", "min_bucket_resolution", "max_bucket_resolution",
+                                   "mixed_precision", "dataloader_workers", "checkpoint_every")} == {
+        "resolution": 64, "min_bucket_resolution": 64, "max_bucket_resolution": 128,
+        "mixed_precision": "fp32", "dataloader_workers": 0, "checkpoint_every": 2,
+    }  # fmt: skip
+    assert "compile" not in inputs and "cuda_graphs" not in inputs
+
+
+def test_flux_renders_are_fluxs_txt2img_and_its_lora_loads_model_only():
+    base = txt2img_prompt("flux", size=1024, seed=3)
+    assert sorted(n["class_type"] for n in base.values()) == sorted([
+        "UNETLoader", "DualCLIPLoader", "VAELoader", "CLIPTextEncode", "FluxGuidance", "CLIPTextEncode",
+        "EmptySD3LatentImage", "KSampler", "VAEDecode", "SaveImage",
+    ])  # fmt: skip
+    (sampler,) = [n for n in base.values() if n["class_type"] == "KSampler"]
+    settings = {k: sampler["inputs"][k] for k in ("seed", "steps", "cfg", "sampler_name", "scheduler")}
+    assert settings == {"seed": 3, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"}
+    links = _links(base, sampler)
+    assert links["model"] == FLUX_LOADERS["model"]
+    assert links["positive"] == ("FluxGuidance", {"conditioning": ["4", 0], "guidance": 3.5})
+    assert (
+        base["4"]["inputs"]["text"].startswith("k4s4 style")
+        and _links(base, base["4"])["clip"] == FLUX_LOADERS["clip"]
+    )
+    assert links["latent_image"] == ("EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1})
+    (decode,) = [n for n in base.values() if n["class_type"] == "VAEDecode"]
+    assert _links(base, decode)["vae"] == FLUX_LOADERS["vae"]
+    lora = txt2img_prompt("flux", size=64, lora="flux-lora-a-step00030.safetensors")
+    (sampler,) = [n for n in lora.values() if n["class_type"] == "KSampler"]
+    assert _links(lora, sampler)["model"] == (
+        "LoraLoaderModelOnly", {"model": ["1", 0], "lora_name": "flux-lora-a-step00030.safetensors", "strength_model": 1.0},
+    )  # fmt: skip
+
+
+def test_the_flux_sweep_is_the_shipped_one_on_fluxs_loaders():
+    import workflow_tools as wt
+
+    sweep = sweep_prompt("flux", "flux-lora-a", size=1024)
+    shipped = read_workflow("checkpoint_sweep")
+    assert "CheckpointLoaderSimple" not in {n["class_type"] for n in sweep.values()}
+    assert len(sweep) == len(shipped) + 2  # one loader became three
+    (node,) = [n for n in sweep.values() if n["class_type"] == "FinetuneCheckpointSweep"]
+    assert {k: v for k, v in _links(sweep, node).items() if k != "checkpoints"} == FLUX_LOADERS
+    assert {k: node["inputs"][k] for k in ("cfg", "scheduler", "width", "steps")} == {
+        "cfg": 1.0, "scheduler": "simple", "width": 1024, "steps": 20,
+    }  # fmt: skip
+    assert wt.validate_api(sweep, wt.load_defs()) == []  # every node and link as the recorded server has them
+
+
+def test_flux_files_are_named_as_the_builder_writes_them_and_linked_where_the_loaders_look(tmp_path):
+    import comfy_flux
+
+    assert FLUX_FILES == comfy_flux.FILES
+    assert "flux" in SMOKE_ARCHS
+    assert (cache_name("flux", smoke=False), cache_name("flux", smoke=True), cache_name("sd15", smoke=True)) == (
+        "flux", "flux-depth1x1", "sd15.safetensors",
+    )  # fmt: skip
+    cmd, _ = _build_command("flux", tmp_path / "flux-depth1x1", tmp_path, "python", None, smoke=True)
+    assert cmd[-6:] == ["--out", str(tmp_path / "flux-depth1x1"), "--depth", "1", "--single-depth", "1"]
+    cmd, _ = _build_command("flux", tmp_path / "flux", tmp_path, "python", None)
+    assert cmd[-4:] == ["--arch", "flux", "--out", str(tmp_path / "flux")]
+    built = tmp_path / "flux"
+    built.mkdir()
+    for _, name in FLUX_FILES.values():
+        (built / name).write_bytes(b"x")
+    links = link_models(tmp_path / "models", "flux", built)
+    assert sorted(str(p.relative_to(tmp_path / "models")) for p in links) == [
+        "diffusion_models/flux1-dev.safetensors", "text_encoders/clip_l.safetensors",
+        "text_encoders/t5xxl_fp8_e4m3fn.safetensors", "vae/ae.safetensors",
+    ]  # fmt: skip
+    assert all(p.resolve() == built / p.name for p in links)
+    (built / "ae.safetensors").unlink()
+    with pytest.raises(SystemExit, match="the built flux model lacks .*ae.safetensors; delete"):
+        link_models(tmp_path / "again", "flux", built)
 
 
 # --------------------------------------------------------------------------------------------

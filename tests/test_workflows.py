@@ -28,6 +28,7 @@ SHIPPED = [
     "dataset_prepare",
     "negative_lora_ab",
     "train_full_sd3_medium",
+    "train_lora_flux",
     "train_lora_sd15",
     "train_lora_sdxl",
 ]
@@ -128,6 +129,33 @@ def test_lora_workflows_train_their_model_and_show_the_run(name, checkpoint, res
     prompt = api(name)
     (train,) = nodes_of(prompt, "FinetuneTrainLoRA")
     assert (train["inputs"]["ckpt_name"], train["inputs"]["resolution"]) == (checkpoint, resolution)
+    (status,) = nodes_of(prompt, "FinetuneRunStatus")
+    assert prompt[status["inputs"]["run"][0]] is train
+
+
+def test_flux_lora_trains_the_model_the_stock_flux_loaders_give():
+    prompt = api("train_lora_flux")
+    (train,) = nodes_of(prompt, "FinetuneTrainLoRAModel")
+    inputs = train["inputs"]
+    loaders = {name: prompt[inputs[name][0]] for name in ("model", "clip", "vae")}
+    assert {k: (n["class_type"], n["inputs"]) for k, n in loaders.items()} == {
+        "model": ("UNETLoader", {"unet_name": "flux1-dev.safetensors", "weight_dtype": "fp8_e4m3fn"}),
+        "clip": ("DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp8_e4m3fn.safetensors",
+                                    "type": "flux", "device": "default"}),
+        "vae": ("VAELoader", {"vae_name": "ae.safetensors"}),
+    }  # fmt: skip
+    settings = {k: inputs[k] for k in (
+        "resolution", "lora_rank", "lora_alpha", "learning_rate", "batch_size", "mixed_precision",
+        "validation_guidance", "precondition_outputs",
+    )}  # fmt: skip
+    assert settings == {
+        "resolution": 1024, "lora_rank": 16, "lora_alpha": 16.0, "learning_rate": 1e-4, "batch_size": 1,
+        "mixed_precision": "bf16", "validation_guidance": 1.0, "precondition_outputs": False,
+    }  # fmt: skip
+    # the same dataset graph as the other LoRA workflows
+    sdxl = api("train_lora_sdxl")
+    assert [n for n in prompt.values() if n["class_type"].startswith("FinetuneLoadDataset")] == [sdxl["1"]]
+    assert prompt[inputs["dataset"][0]] == sdxl["2"]
     (status,) = nodes_of(prompt, "FinetuneRunStatus")
     assert prompt[status["inputs"]["run"][0]] is train
 

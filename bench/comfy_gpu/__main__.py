@@ -4,9 +4,11 @@
     python -m bench.comfy_gpu run --scenarios sd15-lora      # on the device (card from the targets)
     python -m bench.comfy_gpu run --scenarios sdxl-lora --card-gib 12 --out $OUT
     python -m bench.comfy_gpu run --smoke                    # CPU: the real ComfyUI, tiny settings
+    python -m bench.comfy_gpu run --smoke --scenarios flux-lora   # CPU: reduced-depth Flux files
 
 ``run`` unpacks the pinned ComfyUI from ``.comfy_gpu/`` (or uses ``--comfy``), builds real-size
-random-weight checkpoints with ComfyUI's own classes (``tests/comfy_models.py build``), and per
+random-weight checkpoints with ComfyUI's own classes (``tests/comfy_models.py build``; Flux.1-dev
+is a folder of its four files, reduced to one double and one single block for ``--smoke``), and per
 scenario starts ``main.py`` with the pack linked into ``custom_nodes`` and the card emulation hook
 (:mod:`.card`), then drives it over HTTP and the websocket only. It prints how the card was
 emulated, one table row per scenario and the issue's targets, and writes ``table.md``,
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from . import bundle, table
 from .runner import ScenarioRunner, Settings, write_dataset
-from .scenarios import DATASET_FOLDER, MODEL_FILES, SCENARIOS, Scenario, select
+from .scenarios import BUILT_ARCHS, DATASET_FOLDER, FLUX_FILES, MODEL_FILES, SCENARIOS, Scenario, select
 
 ROOT = Path(__file__).resolve().parents[2]
 log = logging.getLogger("comfy_gpu")
@@ -54,13 +56,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument(
         "--workdir", default="/tmp/comfy_gpu", help="servers' folders, models, the unpacked ComfyUI"
     )
-    r.add_argument("--model-cache", default=None, help="folder of built checkpoints (<arch>.safetensors)")
+    r.add_argument(
+        "--model-cache",
+        default=None,
+        help="folder of built models (<arch>.safetensors; flux/, flux-depth1x1/)",
+    )
     r.add_argument("--out", default=None, help="folder for table.md, rows.json and the server logs")
     r.add_argument("--timeout", type=float, default=1200.0, help="seconds for one run or prompt")
     r.add_argument(
         "--prebuild",
         default="",
-        help="comma list of archs to build in the background for a later call (sdxl,sd3)",
+        help="comma list of archs to build in the background for a later call (sdxl,sd3,flux)",
     )
     args = p.parse_args(argv)
     if args.command == "run":
@@ -91,7 +97,36 @@ def settings_for(args: argparse.Namespace) -> Settings:
     )
 
 
-def _build_command(arch: str, path: Path, comfy: Path, python: str, site: Path | None) -> tuple[list, dict]:
+#: Scenarios --smoke can run on the CPU: SD1.5 at real size, Flux at one double and one single block.
+SMOKE_ARCHS = ("sd15", "flux")
+SMOKE_FLUX_DEPTH = (1, 1)
+
+
+def cache_name(arch: str, *, smoke: bool) -> str:
+    """The built model's name in the cache: a checkpoint file, or Flux's folder (by its depth)."""
+    if arch in MODEL_FILES:
+        return f"{arch}.safetensors"
+    return "flux-depth{}x{}".format(*SMOKE_FLUX_DEPTH) if smoke else "flux"
+
+
+def link_models(models_dir: Path, arch: str, built: Path) -> list[Path]:
+    """Put a built model where the row's workflows load it (symlinks): a checkpoint under its
+    shipped name in ``checkpoints``, Flux's four files in their folders. Returns the links."""
+    if arch in MODEL_FILES:
+        pairs = [(models_dir / "checkpoints" / MODEL_FILES[arch], built)]
+    else:
+        pairs = [(models_dir / kind / name, built / name) for kind, name in FLUX_FILES.values()]
+    for link, target in pairs:
+        if not target.exists():
+            raise SystemExit(f"the built {arch} model lacks {target}; delete {built} to build it again")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(target)
+    return [link for link, _ in pairs]
+
+
+def _build_command(
+    arch: str, path: Path, comfy: Path, python: str, site: Path | None, *, smoke: bool = False
+) -> tuple[list, dict]:
     paths = [str(site)] if site else []
     if os.environ.get("PYTHONPATH"):
         paths.append(os.environ["PYTHONPATH"])
@@ -101,20 +136,24 @@ def _build_command(arch: str, path: Path, comfy: Path, python: str, site: Path |
         "FINETUNE_COMPAT_THREADS": str(os.cpu_count() or 1),
         "PYTHONPATH": os.pathsep.join(paths),
     }
-    return [python, str(ROOT / "tests" / "comfy_models.py"), "build", "--arch", arch, "--out", str(path)], env
+    cmd = [python, str(ROOT / "tests" / "comfy_models.py"), "build", "--arch", arch, "--out", str(path)]
+    if arch == "flux" and smoke:
+        cmd += ["--depth", str(SMOKE_FLUX_DEPTH[0]), "--single-depth", str(SMOKE_FLUX_DEPTH[1])]
+    return cmd, env
 
 
 def build_models(
-    archs: set[str], cache: Path, comfy: Path, python: str, site: Path | None
+    archs: set[str], cache: Path, comfy: Path, python: str, site: Path | None, *, smoke: bool = False
 ) -> dict[str, Path]:
-    """Real-size random-weight checkpoints built with ComfyUI's classes, one per arch (cached)."""
+    """Real-size random-weight models built with ComfyUI's classes, one per arch (cached; a
+    checkpoint file, or Flux's folder of four files, written whole or not at all)."""
     cache.mkdir(parents=True, exist_ok=True)
     out = {}
     for arch in sorted(archs):
-        path = cache / f"{arch}.safetensors"
-        if not path.is_file():
+        path = cache / cache_name(arch, smoke=smoke)
+        if not path.exists():
             t0 = time.monotonic()
-            cmd, env = _build_command(arch, path, comfy, python, site)
+            cmd, env = _build_command(arch, path, comfy, python, site, smoke=smoke)
             subprocess.run(cmd, cwd=comfy, env=env, check=True)
             log.info("built %s in %.0f s", path.name, time.monotonic() - t0)
         out[arch] = path
@@ -122,7 +161,7 @@ def build_models(
 
 
 def prebuild(
-    archs: list[str], cache: Path, comfy: Path, python: str, site: Path | None
+    archs: list[str], cache: Path, comfy: Path, python: str, site: Path | None, *, smoke: bool = False
 ) -> dict[str, subprocess.Popen]:
     """Start building ``archs`` in the background, in their own session so that they outlive this
     command (a later device call on the same machine finds them; the writes are atomic).
@@ -133,9 +172,9 @@ def prebuild(
     cache.mkdir(parents=True, exist_ok=True)
     started = {}
     for arch in dict.fromkeys(archs):
-        path = cache / f"{arch}.safetensors"
-        if not path.is_file():
-            cmd, env = _build_command(arch, path, comfy, python, site)
+        path = cache / cache_name(arch, smoke=smoke)
+        if not path.exists():
+            cmd, env = _build_command(arch, path, comfy, python, site, smoke=smoke)
             with open(cache / f"{arch}.build.log", "wb") as f:
                 started[arch] = subprocess.Popen(
                     cmd, cwd=comfy, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
@@ -155,7 +194,7 @@ def _install(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path | None
 def run(args: argparse.Namespace) -> int:
     scenarios = select(args.scenarios)
     if args.smoke:
-        scenarios = [s for s in scenarios if s.arch == "sd15"] or [SCENARIOS["sd15-lora"]]
+        scenarios = [s for s in scenarios if s.arch in SMOKE_ARCHS] or [SCENARIOS["sd15-lora"]]
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     out = Path(args.out) if args.out else workdir / "out"
@@ -166,9 +205,9 @@ def run(args: argparse.Namespace) -> int:
     python = args.python or sys.executable
     cache = Path(args.model_cache) if args.model_cache else workdir / "models"
     # The first scenario's model is built now; the others' (and --prebuild's) in the background.
-    models = build_models({scenarios[0].arch}, cache, comfy, python, site)
-    later = [s.arch for s in scenarios[1:]] + [a for a in args.prebuild.split(",") if a in MODEL_FILES]
-    building = prebuild(later, cache, comfy, python, site)
+    models = build_models({scenarios[0].arch}, cache, comfy, python, site, smoke=args.smoke)
+    later = [s.arch for s in scenarios[1:]] + [a for a in args.prebuild.split(",") if a in BUILT_ARCHS]
+    building = prebuild(later, cache, comfy, python, site, smoke=args.smoke)
     settings = settings_for(args)
     rows = []
     from . import server as srv
@@ -178,16 +217,15 @@ def run(args: argparse.Namespace) -> int:
         base = workdir / f"server-{scenario.name}"
         shutil.rmtree(base, ignore_errors=True)
         srv.layout_base(base)
-        target = base / "models" / "checkpoints" / MODEL_FILES[scenario.arch]
         if scenario.arch in building:
             t0 = time.monotonic()
             if building.pop(scenario.arch).wait() != 0:
                 raise SystemExit(
-                    f"building the {scenario.arch} checkpoint failed: see {cache}/{scenario.arch}.build.log"
+                    f"building the {scenario.arch} model failed: see {cache}/{scenario.arch}.build.log"
                 )
-            log.info("waited %.0f s for the %s checkpoint", time.monotonic() - t0, scenario.arch)
-        models.update(build_models({scenario.arch}, cache, comfy, python, site))
-        target.symlink_to(models[scenario.arch])
+            log.info("waited %.0f s for the %s model", time.monotonic() - t0, scenario.arch)
+        models.update(build_models({scenario.arch}, cache, comfy, python, site, smoke=args.smoke))
+        link_models(base / "models", scenario.arch, models[scenario.arch])
         size = settings.render_size or scenario.resolution
         write_dataset(base / "input" / DATASET_FOLDER, size=size, count=settings.images)
         print(
@@ -213,7 +251,10 @@ def run(args: argparse.Namespace) -> int:
         print(table.markdown([row]), flush=True)
         runs = [r for r in (row.alone, row.busy, row.uncapped) if r]
         for line in (
-            table.targets(row) + [f"{r.name}: {r.chosen}" for r in runs] + row.notes + row.render_errors[:5]
+            table.targets(row)
+            + [f"{r.name}: {r.chosen}" for r in runs if r.chosen]
+            + row.notes
+            + row.render_errors[:5]
         ):
             print("  " + line, flush=True)
         (out / "table.md").write_text(table.markdown(rows) + "\n", encoding="utf-8")

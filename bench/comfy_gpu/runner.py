@@ -276,6 +276,8 @@ class ScenarioRunner:
             else:
                 ok += 1
         what = "Load LoRA" if self.s.method == "lora" else "Load Diffusion Model"
+        if self.s.arch == "flux":
+            what = "LoraLoaderModelOnly"
         self.row.stock = f"{ok}/{len(checkpoints)} via {what}"
         self.row.lora_not_loaded = self.server.log_text().count(LORA_NOT_LOADED) - before
 

@@ -6,6 +6,10 @@ harness changes only the base model file, the run name and the run's length (``m
 row names (e.g. batch 4). Renders are ComfyUI's stock txt2img graph; the sweep is the shipped
 Checkpoint Sweep workflow; each checkpoint is also rendered through stock *Load LoRA* or *Load
 Diffusion Model* + KSampler.
+
+Flux.1-dev is not one checkpoint but four files loaded by three stock loaders (UNETLoader in fp8,
+DualCLIPLoader, VAELoader; :data:`FLUX_FILES`), and its renders are Flux's txt2img (FluxGuidance
+3.5, cfg 1, the simple schedule); its LoRA loads through *LoraLoaderModelOnly*.
 """
 
 from __future__ import annotations
@@ -17,13 +21,24 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / "workflows"
-TRAIN_NODES = ("FinetuneTrainLoRA", "FinetuneTrainFull")
+TRAIN_NODES = ("FinetuneTrainLoRA", "FinetuneTrainFull", "FinetuneTrainLoRAModel")
 #: The base-model file names the shipped workflows load (the harness builds them under these names).
 MODEL_FILES = {
     "sd15": "v1-5-pruned-emaonly.safetensors",
     "sdxl": "sd_xl_base_1.0.safetensors",
     "sd3": "sd3_medium_incl_clips.safetensors",
 }
+#: Flux.1-dev's files by role: (ComfyUI models sub-folder, name), as train_lora_flux loads them
+#: (tests/comfy_flux.py builds them under these names; tests/test_comfy_gpu.py keeps the two equal).
+FLUX_FILES = {
+    "unet": ("diffusion_models", "flux1-dev.safetensors"),
+    "clip_l": ("text_encoders", "clip_l.safetensors"),
+    "t5xxl": ("text_encoders", "t5xxl_fp8_e4m3fn.safetensors"),
+    "vae": ("vae", "ae.safetensors"),
+}
+FLUX_WEIGHT_DTYPE = "fp8_e4m3fn"  # UNETLoader's weight_dtype, as the shipped workflow sets it
+FLUX_GUIDANCE = 3.5  # FluxGuidance's default: what Flux.1-dev renders with
+BUILT_ARCHS = (*MODEL_FILES, "flux")
 T5_FILE = "t5xxl_fp16.safetensors"
 DATASET_FOLDER = "my-dataset"  # what the shipped workflows' Load Dataset reads (input folder)
 PROMPT = "k4s4 style, a cat sitting on a windowsill"
@@ -35,7 +50,7 @@ class Scenario:
 
     Attributes:
         name: the row's name (``--scenarios`` takes these).
-        arch: sd15, sdxl or sd3.
+        arch: sd15, sdxl, sd3 or flux.
         workflow: the shipped workflow its training comes from (stem under workflows/).
         card_gib: the emulated card of the targets (0: the whole GPU).
         steps: ``max_steps`` of each training run.
@@ -72,6 +87,10 @@ SCENARIOS = {
         # issue 14's speed target: uncapped, SDXL LoRA batch 4 (bench's case: no checkpointing)
         Scenario("sdxl-lora-b4", "sdxl", "train_lora_sdxl", 0, 230, resolution=1024,
                  overrides={"batch_size": 4, "gradient_checkpointing": False}, parts="a"),
+        # Flux.1-dev LoRA on the MODEL the stock loaders give (fp8 base), on a 24 GiB card. Parts a
+        # and c fit a 10-minute device call (a real step costs about a second, a 1024 px render
+        # ten); b and u can follow in a second call with --parts bu.
+        Scenario("flux-lora", "flux", "train_lora_flux", 24, 60, resolution=1024, parts="ac"),
     )
 }  # fmt: skip
 
@@ -121,7 +140,6 @@ def training_prompt(
         node["inputs"] = lora_inputs_from(node["inputs"])
     inputs = node["inputs"]
     inputs.update(
-        ckpt_name=MODEL_FILES[scenario.arch],
         run_name=run_name,
         max_steps=steps,
         epochs=100_000,
@@ -131,6 +149,10 @@ def training_prompt(
         validation_prompts="",
         validation_at_start=False,
     )
+    if scenario.arch in MODEL_FILES:
+        inputs["ckpt_name"] = MODEL_FILES[scenario.arch]
+    else:  # Train LoRA (Model): the base comes from the graph's loaders
+        _set_flux_files(prompt)
     if scenario.arch != "sd3":
         inputs["resolution"] = scenario.resolution
     if scenario.with_t5:
@@ -152,13 +174,43 @@ def training_prompt(
     return prompt
 
 
+def _set_flux_files(prompt: dict) -> None:
+    """Point a graph's Flux loaders at :data:`FLUX_FILES` (the names the harness links)."""
+    names = {role: name for role, (_, name) in FLUX_FILES.items()}
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "UNETLoader":
+            inputs["unet_name"] = names["unet"]
+        elif node["class_type"] == "DualCLIPLoader":
+            inputs.update(clip_name1=names["clip_l"], clip_name2=names["t5xxl"], type="flux")
+        elif node["class_type"] == "VAELoader":
+            inputs["vae_name"] = names["vae"]
+
+
+def flux_loaders(first_id: int = 1) -> dict:
+    """Flux.1-dev as a user loads it: UNETLoader (fp8), DualCLIPLoader (flux), VAELoader, with ids
+    ``first_id`` .. ``first_id + 2`` (MODEL, CLIP, VAE in that order)."""
+    ids = [str(first_id + i) for i in range(3)]
+    prompt = {
+        ids[0]: {"class_type": "UNETLoader", "inputs": {"unet_name": "", "weight_dtype": FLUX_WEIGHT_DTYPE}},
+        ids[1]: {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "", "clip_name2": "", "type": "flux",
+                                                            "device": "default"}},
+        ids[2]: {"class_type": "VAELoader", "inputs": {"vae_name": ""}},
+    }  # fmt: skip
+    _set_flux_files(prompt)
+    return prompt
+
+
 def txt2img_prompt(
     arch: str, *, size: int, steps: int = 20, seed: int = 0, prefix: str = "harness/txt2img",
     lora: str | None = None, unet: str | None = None,
 ) -> dict:  # fmt: skip
     """ComfyUI's default txt2img graph on the base model; with ``lora`` through stock *Load LoRA*,
     with ``unet`` the denoiser from stock *Load Diffusion Model* (text encoders and VAE from the
-    base checkpoint)."""
+    base checkpoint). Flux: its three loaders, FluxGuidance 3.5 on the prompt, cfg 1 with euler
+    and the simple schedule, an SD3-style empty latent, *LoraLoaderModelOnly* for ``lora``."""
+    if arch == "flux":
+        return _flux_txt2img(size=size, steps=steps, seed=seed, prefix=prefix, lora=lora, unet=unet)
     model, clip = ["1", 0], ["1", 1]
     prompt: dict = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": MODEL_FILES[arch]}},
@@ -206,9 +258,51 @@ def txt2img_prompt(
     return prompt
 
 
+def _flux_txt2img(
+    *, size: int, steps: int, seed: int, prefix: str, lora: str | None, unet: str | None
+) -> dict:
+    prompt = flux_loaders(first_id=1)  # "1" MODEL, "2" CLIP, "3" VAE
+    model, clip, vae = ["1", 0], ["2", 0], ["3", 0]
+    if unet is not None:
+        prompt["1"]["inputs"]["unet_name"] = unet
+    if lora is not None:
+        prompt["10"] = {
+            "class_type": "LoraLoaderModelOnly",
+            "inputs": {"model": model, "lora_name": lora, "strength_model": 1.0},
+        }
+        model = ["10", 0]
+    prompt.update({
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": PROMPT}},
+        "5": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["4", 0], "guidance": FLUX_GUIDANCE}},
+        # cfg 1 never runs the negative, but KSampler takes one (what Flux's example graph does)
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": ""}},
+        "7": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "8": {"class_type": "KSampler", "inputs": {
+            "model": model, "positive": ["5", 0], "negative": ["6", 0], "latent_image": ["7", 0], "seed": seed,
+            "steps": steps, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": vae}},
+        "11": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": prefix}},
+    })  # fmt: skip
+    return prompt
+
+
 def sweep_prompt(arch: str, run_name: str, *, size: int, steps: int = 20) -> dict:
-    """The shipped Checkpoint Sweep workflow on ``run_name`` (base model and size set for the row)."""
+    """The shipped Checkpoint Sweep workflow on ``run_name`` (base model and size set for the row).
+
+    Flux: the sweep's Load Checkpoint becomes Flux's three loaders (its node takes MODEL, CLIP and
+    VAE), and it samples at cfg 1 with the simple schedule (Flux's default guidance, 3.5, applies).
+    """
     prompt = copy.deepcopy(read_workflow("checkpoint_sweep"))
+    if arch == "flux":
+        (loader,) = [k for k, n in prompt.items() if n["class_type"] == "CheckpointLoaderSimple"]
+        del prompt[loader]
+        first = max(int(k) for k in prompt) + 1
+        prompt.update(flux_loaders(first_id=first))
+        sources = {"model": [str(first), 0], "clip": [str(first + 1), 0], "vae": [str(first + 2), 0]}
+        for node in prompt.values():
+            for name, value in node["inputs"].items():
+                if isinstance(value, list) and value[:1] == [loader]:
+                    node["inputs"][name] = sources[name]
     for node in prompt.values():
         inputs = node["inputs"]
         if node["class_type"] == "CheckpointLoaderSimple":
@@ -217,6 +311,8 @@ def sweep_prompt(arch: str, run_name: str, *, size: int, steps: int = 20) -> dic
             inputs["run"] = run_name
         elif node["class_type"] == "FinetuneCheckpointSweep":
             inputs.update(width=size, height=size, steps=steps)
+            if arch == "flux":
+                inputs.update(cfg=1.0, scheduler="simple")
         elif node["class_type"] == "FinetuneLabeledStrip":
             inputs["title"] = run_name
         elif node["class_type"] == "SaveImage":
