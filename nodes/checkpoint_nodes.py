@@ -263,16 +263,27 @@ class CheckpointSweep(io.ComfyNode):
         total = len(checkpoints) * len(prompts)
         bar = host.progress_bar(total)
         grid: dict[tuple[int, int], torch.Tensor] = {}
+        # The base CLIP's encodings, shared by every checkpoint that leaves the text encoders as
+        # they are (full checkpoints, LoRAs of the denoiser alone: T5-XXL once, not per checkpoint).
+        base_conds: dict[str, object] = {}
+
+        def encode(ckpt_clip, text: str):
+            if not host.same_text_encoders(clip, ckpt_clip):
+                return host.encode_text(ckpt_clip, text)
+            if text not in base_conds:
+                base_conds[text] = host.encode_text(clip, text)
+            return base_conds[text]
+
         # Checkpoint by checkpoint, so each LoRA is applied (or full model loaded) once.
         for col, ckpt in enumerate(checkpoints):
             host.throw_if_interrupted()
             ckpt_model, ckpt_clip = models_for(ckpt, model, clip, lora_strength=lora_strength)
-            negative_cond = host.encode_text(ckpt_clip, negative)
+            negative_cond = encode(ckpt_clip, negative)
             for row, prompt in enumerate(prompts):
                 host.throw_if_interrupted()
                 log.info("finetune: sweep render %d/%d: %s", len(grid) + 1, total, ckpt.label)
                 grid[(row, col)] = host.sample_image(
-                    ckpt_model, vae, host.encode_text(ckpt_clip, prompt), negative_cond,
+                    ckpt_model, vae, encode(ckpt_clip, prompt), negative_cond,
                     seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
                     width=width, height=height,
                 ).cpu()  # fmt: skip

@@ -460,6 +460,21 @@ def encode_text(clip, text: str):
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
+def same_text_encoders(clip, other) -> bool:
+    """Whether ``other`` encodes text exactly as ``clip`` does: the same object, or a clone of it
+    that a LoRA added no text-encoder patch to (stock *Load LoRA* clones the CLIP even for a LoRA
+    of the denoiser alone)."""
+    if other is clip:
+        return True
+    if clip is None or other is None:
+        return False
+
+    def patch_counts(c) -> dict:
+        return {key: len(patches) for key, patches in c.patcher.patches.items()}
+
+    return other.patcher.model is clip.patcher.model and patch_counts(other) == patch_counts(clip)
+
+
 def sample_image(
     model,
     vae,

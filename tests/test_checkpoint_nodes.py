@@ -82,8 +82,10 @@ def test_run_checkpoints_errors_name_the_value(output_dir, run, folder, message)
 class FakeHost:
     """Stands in for the sampling section of nodes/host.py and records what the sweep did."""
 
-    def __init__(self, interrupt_after: int | None = None):
+    def __init__(self, interrupt_after: int | None = None, *, denoiser_only_loras: bool = False):
         self.calls: list[tuple] = []
+        self.encoded: list[tuple] = []
+        self.denoiser_only_loras = denoiser_only_loras
         self.updates = 0
         self.checks = 0
         self.interrupt_after = interrupt_after
@@ -105,14 +107,19 @@ class FakeHost:
 
         monkeypatch.setattr(host, "progress_bar", Bar)
         monkeypatch.setattr(host, "throw_if_interrupted", throw_if_interrupted)
-        monkeypatch.setattr(host, "encode_text", lambda clip, text: (clip, text))
+        monkeypatch.setattr(host, "encode_text", self.encode)
+        monkeypatch.setattr(host, "same_text_encoders", lambda clip, other: clip == other)
         monkeypatch.setattr(host, "apply_lora_file", self.apply_lora)
         monkeypatch.setattr(host, "load_diffusion_model_file", self.load_full)
         monkeypatch.setattr(host, "sample_image", self.sample)
 
+    def encode(self, clip, text):
+        self.encoded.append((clip, text))
+        return clip, text
+
     def apply_lora(self, model, clip, path, *, strength_model, strength_clip):
         self.calls.append(("lora", path.name, strength_model, strength_clip))
-        return f"{model}+{path.stem}", f"{clip}+{path.stem}"
+        return f"{model}+{path.stem}", clip if self.denoiser_only_loras else f"{clip}+{path.stem}"
 
     def load_full(self, path):
         self.calls.append(("full", path.name))
@@ -153,6 +160,30 @@ def test_sweep_renders_row_major_and_applies_each_lora_once(output_dir, monkeypa
         ("render", "full:full-step00100", "a dog", "blurry", 42),
     ]
     assert fake.updates == 6
+
+
+@pytest.mark.parametrize("denoiser_only", [False, True])
+def test_the_sweep_encodes_each_prompt_once_unless_a_lora_patches_the_text_encoders(
+    output_dir, monkeypatch, denoiser_only
+):
+    fake = FakeHost(denoiser_only_loras=denoiser_only)
+    fake.install(monkeypatch)
+    full = output_dir / "finetune" / "full-step00100.safetensors"
+    ckpts = list_checkpoints(
+        output_dir / "finetune" / "cats" / "checkpoints", include_base=True, step_max=800
+    )
+    ckpts = [*ckpts, *list_checkpoints(full.parent)]
+    nodes.CheckpointSweep.execute(
+        model="M", clip="C", vae="V", checkpoints=ckpts, positive="a cat\na dog", negative="blurry",
+        seed=42, steps=4, cfg=5.0, sampler_name="euler", scheduler="normal", width=64, height=48, lora_strength=1.0,
+    )  # fmt: skip
+    once = [("C", "blurry"), ("C", "a cat"), ("C", "a dog")]
+    # A LoRA with text-encoder weights is encoded through its own patched CLIP; the base and the
+    # full checkpoint (which keeps the CLIP) reuse the base encodings.
+    patched = [("C+cats-step00800", "blurry"), ("C+cats-step00800", "a cat"), ("C+cats-step00800", "a dog")]
+    assert fake.encoded == (once if denoiser_only else once + patched)
+    renders = [c for c in fake.calls if c[0] == "render"]
+    assert [(r[2], r[3]) for r in renders] == [("a cat", "blurry"), ("a dog", "blurry")] * 3
 
 
 def test_sweep_row_major_order_of_images(output_dir, monkeypatch):

@@ -267,6 +267,33 @@ def test_gradient_checkpointing_recomputes_every_block_and_trains_the_same_lora(
     assert any(not torch.equal(plain[k], torch.zeros_like(plain[k])) for k in plain if "lora_up" in k)
 
 
+def test_a_lora_of_the_denoiser_leaves_the_clip_encoding_as_it_was(tmp_path):
+    """What lets the Checkpoint Sweep encode each prompt once: stock Load LoRA clones the CLIP for
+    any LoRA, and ``host.same_text_encoders`` tells a clone without text-encoder patches (our
+    MODEL-path files) from one a kohya ``lora_te_…`` key patched."""
+    from safetensors.torch import save_file
+
+    model = comfy_tiny.tiny_model("SD15")
+    clip = comfy.sd.CLIP(
+        comfy.supported_models.SD15(dict(comfy_tiny.CONFIGS["SD15"])).clip_target(state_dict={})
+    )
+    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    files = {"denoiser-only": {}, "with-te": {
+        f"{te}.lora_down.weight": torch.zeros(4, 768), f"{te}.lora_up.weight": torch.zeros(768, 4),
+        f"{te}.alpha": torch.tensor(4.0),
+    }}  # fmt: skip
+    clips = {}
+    for name, tensors in files.items():
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        _, clips[name] = host.apply_lora_file(
+            model, clip, tmp_path / f"{name}.safetensors", strength_model=1.0, strength_clip=1.0
+        )
+    assert clips["denoiser-only"] is not clip  # Load LoRA cloned it all the same
+    assert host.same_text_encoders(clip, clip) and host.same_text_encoders(clip, clips["denoiser-only"])
+    assert not host.same_text_encoders(clip, clips["with-te"])
+    assert not host.same_text_encoders(clip, None)
+
+
 def test_a_family_this_path_cannot_train_is_refused_naming_it(tmp_path, data):
     model = comfy_tiny.tiny_model("AuraFlow")
     config = tiny_config(tmp_path, data)
