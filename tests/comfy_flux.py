@@ -323,6 +323,20 @@ def build(out_dir: str | os.PathLike, *, depth: int = 19, single_depth: int = 38
     return report
 
 
+def build_t5xxl(out: str | os.PathLike, *, seed: int = 0, threads: int = 1) -> dict:
+    """The T5-XXL file alone (``FILES["t5xxl"]``'s, fp8): what the SD3 Medium row gives the Train
+    node as its ``t5xxl`` (the file-name trainer casts it to its compute dtype as it loads)."""
+    out = Path(out)
+    if threads > 1:
+        torch.set_num_threads(1)
+    started = time.monotonic()
+    specs = t5xxl_specs()
+    size = write_safetensors(out, specs, seed=seed, metadata={"comfy_models.build": f"t5xxl seed {seed}"},
+                             threads=threads)  # fmt: skip
+    return {"tensors": len(specs), "parameters": sum(s.numel for s in specs), "bytes": size,
+            "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------
 # What ComfyUI's stock loaders make of them
 

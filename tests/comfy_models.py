@@ -43,7 +43,7 @@ from pathlib import Path
 
 # Bump to rebuild cached checkpoints when the way they are built changes.
 BUILD_VERSION = "1"
-ARCHS = ("sd15", "sdxl", "sd3", "flux")  # flux: a folder of four files (comfy_flux.py)
+ARCHS = ("sd15", "sdxl", "sd3", "flux", "t5xxl")  # flux: a folder of four files; t5xxl: one (comfy_flux.py)
 # The supported_models class ComfyUI must pick for each arch.
 COMFY_CLASS = {"sd15": "SD15", "sdxl": "SDXL", "sd3": "SD3"}
 # ComfyUI's CLIP patcher keys of each text-encoder slot, in our trainer's text_encoders order.
@@ -429,7 +429,12 @@ def _main(argv: list[str]) -> int:
     d.add_argument("--fp16-weights", action="store_true", help="keep weights in fp16, compute in fp32")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "build" and args.arch == "flux":
+    if args.command == "build" and args.arch == "t5xxl":
+        _import_comfy()
+        import comfy_flux
+
+        print(json.dumps(comfy_flux.build_t5xxl(args.out, seed=args.seed, threads=compat_threads())))
+    elif args.command == "build" and args.arch == "flux":
         print(
             json.dumps(build_flux(args.out, depth=args.depth, single_depth=args.single_depth, seed=args.seed))
         )

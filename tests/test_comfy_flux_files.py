@@ -139,3 +139,25 @@ def test_stock_loaders_detect_flux_and_render_from_the_reduced_files(reduced, tm
     assert (render["latent_shape"], render["image_shape"]) == ([1, 16, 8, 8], [1, 64, 64, 3])
     assert render["latent_finite"] and render["image_finite"]
     assert report["key_messages"] == []  # no missing, unexpected or left-over key
+
+
+@needs_comfy
+def test_the_t5xxl_file_fits_the_sd3_trainers_t5_encoder():
+    """SD3 Medium's row gives the file-name trainer this fp8 T5-XXL: its tensors are exactly the
+    shipped T5EncoderModel config's (shared.weight standing in for the tied embed_tokens), in fp8,
+    which the trainer's loader casts to its compute dtype."""
+    import comfy_tiny
+    from accelerate import init_empty_weights
+    from transformers import T5Config, T5EncoderModel
+
+    from trainer.models.configs import CONFIG_ROOT
+
+    comfy_tiny.import_comfy()
+    config = T5Config.from_pretrained(str(CONFIG_ROOT / "sd3" / "text_encoder_3"), local_files_only=True)
+    with init_empty_weights():
+        wanted = {k: tuple(v.shape) for k, v in T5EncoderModel(config).state_dict().items()}
+    specs = comfy_flux.t5xxl_specs()
+    got = {s.key: tuple(s.shape) for s in specs}
+    assert set(wanted) - set(got) == {"encoder.embed_tokens.weight"} and set(got) <= set(wanted)
+    assert all(got[k] == wanted[k] for k in got)
+    assert {s.dtype for s in specs} == {torch.float8_e4m3fn}

@@ -184,8 +184,11 @@ def test_sd3_lora_moves_the_shipped_sd3_settings_onto_a_train_lora_node_with_t5(
     assert node["class_type"] == "FinetuneTrainLoRA"
     inputs = node["inputs"]
     assert (inputs["ckpt_name"], inputs["t5xxl"], inputs["use_t5"], inputs["resolution"]) == (
-        MODEL_FILES["sd3"], "t5xxl_fp16.safetensors", True, 1024,
+        MODEL_FILES["sd3"], "t5xxl_fp8_e4m3fn.safetensors", True, 1024,
     )  # fmt: skip
+    # The row builds T5-XXL too (the Flux builder's fp8 file) and links it where the node's
+    # t5xxl list reads (ComfyUI's text_encoders).
+    assert SCENARIOS["sd3-lora"].builds == ("sd3", "t5xxl") and SCENARIOS["sd15-lora"].builds == ("sd15",)
     assert inputs["lora_rank"] == 16 and inputs["batch_size"] == 6  # LoRA inputs, the SD3 run's batch
     plans = [n["inputs"] for n in prompt.values() if n["class_type"] == "FinetuneStepPlan"]
     assert plans and plans[0]["max_steps"] == 100 and plans[0]["validation_every"] == 0
@@ -329,6 +332,17 @@ def test_flux_files_are_named_as_the_builder_writes_them_and_linked_where_the_lo
     (built / "ae.safetensors").unlink()
     with pytest.raises(SystemExit, match="the built flux model lacks .*ae.safetensors; delete"):
         link_models(tmp_path / "again", "flux", built)
+
+
+def test_t5xxl_is_built_alone_and_linked_into_text_encoders(tmp_path):
+    assert cache_name("t5xxl", smoke=False) == "t5xxl_fp8_e4m3fn.safetensors"
+    cmd, _ = _build_command("t5xxl", tmp_path / "t5.safetensors", tmp_path, "python", None)
+    assert cmd[-4:] == ["--arch", "t5xxl", "--out", str(tmp_path / "t5.safetensors")]
+    built = tmp_path / "t5.safetensors"
+    built.write_bytes(b"x")
+    (link,) = link_models(tmp_path / "models", "t5xxl", built)
+    assert link == tmp_path / "models" / "text_encoders" / "t5xxl_fp8_e4m3fn.safetensors"
+    assert link.resolve() == built
 
 
 # --------------------------------------------------------------------------------------------

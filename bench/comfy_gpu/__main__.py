@@ -28,7 +28,16 @@ from pathlib import Path
 
 from . import bundle, table
 from .runner import ScenarioRunner, Settings, write_dataset
-from .scenarios import BUILT_ARCHS, DATASET_FOLDER, FLUX_FILES, MODEL_FILES, SCENARIOS, Scenario, select
+from .scenarios import (
+    BUILT_ARCHS,
+    DATASET_FOLDER,
+    FLUX_FILES,
+    MODEL_FILES,
+    SCENARIOS,
+    T5_FILE,
+    Scenario,
+    select,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 log = logging.getLogger("comfy_gpu")
@@ -66,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument(
         "--prebuild",
         default="",
-        help="comma list of archs to build in the background for a later call (sdxl,sd3,flux)",
+        help="comma list of archs to build in the background for a later call (sdxl,sd3,flux,t5xxl)",
     )
     args = p.parse_args(argv)
     if args.command == "run":
@@ -103,17 +112,23 @@ SMOKE_FLUX_DEPTH = (1, 1)
 
 
 def cache_name(arch: str, *, smoke: bool) -> str:
-    """The built model's name in the cache: a checkpoint file, or Flux's folder (by its depth)."""
+    """The built model's name in the cache: a checkpoint file, T5-XXL's file, or Flux's folder (by
+    its depth)."""
     if arch in MODEL_FILES:
         return f"{arch}.safetensors"
+    if arch == "t5xxl":
+        return T5_FILE
     return "flux-depth{}x{}".format(*SMOKE_FLUX_DEPTH) if smoke else "flux"
 
 
 def link_models(models_dir: Path, arch: str, built: Path) -> list[Path]:
     """Put a built model where the row's workflows load it (symlinks): a checkpoint under its
-    shipped name in ``checkpoints``, Flux's four files in their folders. Returns the links."""
+    shipped name in ``checkpoints``, T5-XXL in ``text_encoders``, Flux's four files in their
+    folders. Returns the links."""
     if arch in MODEL_FILES:
         pairs = [(models_dir / "checkpoints" / MODEL_FILES[arch], built)]
+    elif arch == "t5xxl":
+        pairs = [(models_dir / "text_encoders" / T5_FILE, built)]
     else:
         pairs = [(models_dir / kind / name, built / name) for kind, name in FLUX_FILES.values()]
     for link, target in pairs:
@@ -205,8 +220,10 @@ def run(args: argparse.Namespace) -> int:
     python = args.python or sys.executable
     cache = Path(args.model_cache) if args.model_cache else workdir / "models"
     # The first scenario's model is built now; the others' (and --prebuild's) in the background.
-    models = build_models({scenarios[0].arch}, cache, comfy, python, site, smoke=args.smoke)
-    later = [s.arch for s in scenarios[1:]] + [a for a in args.prebuild.split(",") if a in BUILT_ARCHS]
+    models = build_models(set(scenarios[0].builds), cache, comfy, python, site, smoke=args.smoke)
+    later = [a for s in scenarios[1:] for a in s.builds] + [
+        a for a in args.prebuild.split(",") if a in BUILT_ARCHS
+    ]
     building = prebuild(later, cache, comfy, python, site, smoke=args.smoke)
     settings = settings_for(args)
     rows = []
@@ -217,15 +234,15 @@ def run(args: argparse.Namespace) -> int:
         base = workdir / f"server-{scenario.name}"
         shutil.rmtree(base, ignore_errors=True)
         srv.layout_base(base)
-        if scenario.arch in building:
-            t0 = time.monotonic()
-            if building.pop(scenario.arch).wait() != 0:
-                raise SystemExit(
-                    f"building the {scenario.arch} model failed: see {cache}/{scenario.arch}.build.log"
-                )
-            log.info("waited %.0f s for the %s model", time.monotonic() - t0, scenario.arch)
-        models.update(build_models({scenario.arch}, cache, comfy, python, site, smoke=args.smoke))
-        link_models(base / "models", scenario.arch, models[scenario.arch])
+        for arch in scenario.builds:
+            if arch in building:
+                t0 = time.monotonic()
+                if building.pop(arch).wait() != 0:
+                    raise SystemExit(f"building the {arch} model failed: see {cache}/{arch}.build.log")
+                log.info("waited %.0f s for the %s model", time.monotonic() - t0, arch)
+        models.update(build_models(set(scenario.builds), cache, comfy, python, site, smoke=args.smoke))
+        for arch in scenario.builds:
+            link_models(base / "models", arch, models[arch])
         size = settings.render_size or scenario.resolution
         write_dataset(base / "input" / DATASET_FOLDER, size=size, count=settings.images)
         print(

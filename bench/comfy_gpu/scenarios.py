@@ -38,8 +38,10 @@ FLUX_FILES = {
 }
 FLUX_WEIGHT_DTYPE = "fp8_e4m3fn"  # UNETLoader's weight_dtype, as the shipped workflow sets it
 FLUX_GUIDANCE = 3.5  # FluxGuidance's default: what Flux.1-dev renders with
-BUILT_ARCHS = (*MODEL_FILES, "flux")
-T5_FILE = "t5xxl_fp16.safetensors"
+#: What the harness builds: the checkpoints, Flux's folder, and T5-XXL alone (SD3 Medium's
+#: ``t5xxl``: the common fp8 file, which the trainer casts to its compute dtype as it loads).
+BUILT_ARCHS = (*MODEL_FILES, "flux", "t5xxl")
+T5_FILE = FLUX_FILES["t5xxl"][1]
 DATASET_FOLDER = "my-dataset"  # what the shipped workflows' Load Dataset reads (input folder)
 PROMPT = "k4s4 style, a cat sitting on a windowsill"
 
@@ -56,7 +58,8 @@ class Scenario:
         steps: ``max_steps`` of each training run.
         overrides: Train-node inputs the row changes beyond the run's length.
         resolution: renders' size (the workflow's training resolution).
-        with_t5: SD3: a T5-XXL file is built and given to the Train node (text cached).
+        with_t5: SD3: a T5-XXL file (:data:`T5_FILE`) is built and given to the Train node
+            (text cached).
         parts: which of a (alone), b (with prompts), c (sweep + stock loaders), u (uncapped twin).
     """
 
@@ -73,6 +76,11 @@ class Scenario:
     @property
     def method(self) -> str:
         return "full" if "full" in self.workflow else "lora"
+
+    @property
+    def builds(self) -> tuple[str, ...]:
+        """What the harness builds for this row (:data:`BUILT_ARCHS`)."""
+        return (self.arch, "t5xxl") if self.with_t5 else (self.arch,)
 
 
 SCENARIOS = {
