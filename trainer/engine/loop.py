@@ -127,8 +127,8 @@ def _free_what_the_run_held() -> None:
     """Free the ended run's model, optimizer and caches now and hand the GPU's cached blocks back.
 
     The run's objects form reference cycles (callbacks bound to it), which Python frees only when
-    its cycle collector next runs: inside ComfyUI the next run started with the last one's model
-    still on the GPU (SDXL: 5 GiB) and chose leaner settings for it.
+    its cycle collector next runs: inside ComfyUI a run started right after another could find the
+    last one's model still on the GPU (an SDXL UNet: 5 GiB) and pick leaner settings for it.
     """
     gc.collect()
     if torch.cuda.is_available():
