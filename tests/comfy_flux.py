@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from log_capture import LogCapture
 
 # What comfy.model_detection.detect_unet_config reads from BFL's flux1-dev.safetensors.
 FLUX_DEV_CONFIG = {
@@ -341,17 +342,6 @@ def build_t5xxl(out: str | os.PathLike, *, seed: int = 0, threads: int = 1) -> d
 # What ComfyUI's stock loaders make of them
 
 
-class _Capture(logging.Handler):
-    """Collects log records (ComfyUI reports missing and left-over keys only through logging)."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def check(folder: str | os.PathLike, *, size: int = 64) -> dict:
     """Load the files in ``folder`` with the stock loader nodes as a Flux user wires them
     (UNETLoader fp8_e4m3fn, DualCLIPLoader type flux, VAELoader) and render one step with them
@@ -368,7 +358,7 @@ def check(folder: str | os.PathLike, *, size: int = 64) -> dict:
 
     for kind in {folder for folder, _ in FILES.values()}:
         folder_paths.add_model_folder_path(kind, str(folder), is_default=True)
-    capture = _Capture()
+    capture = LogCapture()
     root = logging.getLogger()
     root.addHandler(capture)
     level = root.level

@@ -35,7 +35,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comfy_models import LORA_NOT_LOADED, _Capture, _import_comfy  # noqa: E402
+from comfy_models import LORA_NOT_LOADED, _import_comfy  # noqa: E402
+from log_capture import LogCapture  # noqa: E402
 
 _MODULE_SUFFIXES = (
     ".lora_down.weight",
@@ -113,7 +114,7 @@ def check_lora(checkpoint: str, lora_path: str, options_path: str, inputs_path: 
     inputs = load_file(inputs_path)
     before = _denoise(model, inputs, torch)
 
-    capture = _Capture()
+    capture = LogCapture()
     root = logging.getLogger()
     level = root.level
     root.addHandler(capture)
@@ -177,7 +178,7 @@ def check_full(model_path: str, options_path: str, inputs_path: str, out: str) -
     options = json.loads(Path(options_path).read_text(encoding="utf-8"))
     sd = comfy.utils.load_torch_file(model_path)
     _register_tiny_unets(comfy, sd, "", options["unet_extra_config"])
-    capture = _Capture()
+    capture = LogCapture()
     root = logging.getLogger()
     level = root.level
     root.addHandler(capture)

@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+from log_capture import LogCapture
+
 # Bump to rebuild cached checkpoints when the way they are built changes.
 BUILD_VERSION = "1"
 ARCHS = ("sd15", "sdxl", "sd3", "flux", "t5xxl")  # flux: a folder of four files; t5xxl: one (comfy_flux.py)
@@ -245,17 +247,6 @@ def build_flux(out: str, *, depth: int = 19, single_depth: int = 38, seed: int =
     return comfy_flux.build(out, depth=depth, single_depth=single_depth, seed=seed, threads=compat_threads())
 
 
-class _Capture(logging.Handler):
-    """Collects log records (ComfyUI reports unloaded LoRA keys only through logging)."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def _expected_delta(lora, entry: dict):
     """((alpha / rank) * up @ down, alpha / rank) from the file's own tensors, in fp32, shaped like the weight rows."""
     down = lora[entry["down"]].float()
@@ -301,7 +292,7 @@ def check_lora(
     )
     lora = comfy.utils.load_torch_file(lora_path, safe_load=True)
 
-    capture = _Capture()
+    capture = LogCapture()
     root = logging.getLogger()
     root.addHandler(capture)
     level = root.level

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from log_capture import LogCapture
 
 RANK = 8
 ALPHA = 4.0
@@ -270,19 +271,10 @@ def expected_delta(down: torch.Tensor, up: torch.Tensor, scale: float, shape) ->
 # diffusers as the consumer
 
 
-class _Capture(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 @contextmanager
 def captured_logs(*names: str):
     """Collect every record of the named loggers (diffusers/peft warn through ``logging``)."""
-    capture = _Capture()
+    capture = LogCapture()
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:

@@ -30,6 +30,7 @@ if not os.environ.get("COMFYUI_PATH"):
 
 import comfy_tiny  # noqa: E402
 from comfy_server import import_pack  # noqa: E402
+from log_capture import LogCapture  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from train_helpers import tiny_config  # noqa: E402
@@ -73,18 +74,9 @@ def render(model, vae, clip, prompt: str = "red") -> torch.Tensor:
         ).clone()  # fmt: skip
 
 
-class _Capture(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def load_lora(model, path: Path):
     """Stock Load LoRA (model only), returning the patched MODEL and ComfyUI's log lines."""
-    capture = _Capture()
+    capture = LogCapture()
     root = logging.getLogger()
     root.addHandler(capture)
     try:
