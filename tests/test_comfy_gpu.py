@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from bench.comfy_gpu import bundle, card, table
-from bench.comfy_gpu import server as srv
+from bench.comfy_gpu import comfy_process as srv
 from bench.comfy_gpu.__main__ import (
     SMOKE_ARCHS,
     _build_command,

@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     building = prebuild(later, cache, comfy, python, site, smoke=args.smoke)
     settings = settings_for(args)
     rows = []
-    from . import server as srv
+    from . import comfy_process as srv
 
     for scenario in scenarios:
         card_gib = card_for(scenario, args.card_gib, smoke=args.smoke)

@@ -14,8 +14,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from . import card
+from .comfy_process import Server, VramSampler
 from .scenarios import Scenario, sweep_prompt, training_prompt, txt2img_prompt
-from .server import Server, VramSampler
 
 log = logging.getLogger("comfy_gpu")
 LORA_NOT_LOADED = "lora key not loaded"
