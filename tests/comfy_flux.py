@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from log_capture import LogCapture
+from log_capture import captured_logs
 
 # What comfy.model_detection.detect_unet_config reads from BFL's flux1-dev.safetensors.
 FLUX_DEV_CONFIG = {
@@ -358,18 +358,10 @@ def check(folder: str | os.PathLike, *, size: int = 64) -> dict:
 
     for kind in {folder for folder, _ in FILES.values()}:
         folder_paths.add_model_folder_path(kind, str(folder), is_default=True)
-    capture = LogCapture()
-    root = logging.getLogger()
-    root.addHandler(capture)
-    level = root.level
-    root.setLevel(logging.DEBUG)
-    try:
+    with captured_logs() as messages:
         (model,) = nodes.UNETLoader().load_unet(FILES["unet"][1], "fp8_e4m3fn")
         (clip,) = nodes.DualCLIPLoader().load_clip(FILES["clip_l"][1], FILES["t5xxl"][1], "flux")
         (vae,) = nodes.VAELoader().load_vae(FILES["vae"][1])
-    finally:
-        root.removeHandler(capture)
-        root.setLevel(level)
     unet = model.model
     config = unet.model_config.unet_config
     te = clip.cond_stage_model
@@ -419,7 +411,7 @@ def check(folder: str | os.PathLike, *, size: int = 64) -> dict:
         },
         "key_messages": [
             m[:300]
-            for m in capture.messages
+            for m in messages
             if "missing" in m or "left over" in m or "unexpected" in m or "NOT LOADED" in m
         ],
     }

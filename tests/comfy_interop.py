@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfy_models import LORA_NOT_LOADED, _import_comfy  # noqa: E402
-from log_capture import LogCapture  # noqa: E402
+from log_capture import captured_logs  # noqa: E402
 
 _MODULE_SUFFIXES = (
     ".lora_down.weight",
@@ -114,17 +114,9 @@ def check_lora(checkpoint: str, lora_path: str, options_path: str, inputs_path: 
     inputs = load_file(inputs_path)
     before = _denoise(model, inputs, torch)
 
-    capture = LogCapture()
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(capture)
-    root.setLevel(logging.DEBUG)
-    try:
+    with captured_logs() as messages:
         new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
-    finally:
-        root.removeHandler(capture)
-        root.setLevel(level)
-    not_loaded = [m for m in capture.messages if LORA_NOT_LOADED in m or m.startswith("NOT LOADED")]
+    not_loaded = [m for m in messages if LORA_NOT_LOADED in m or m.startswith("NOT LOADED")]
 
     file_modules = sorted({_module(k) for k in lora})
     key_of = {id(v): k for k, v in lora.items()}
@@ -178,17 +170,9 @@ def check_full(model_path: str, options_path: str, inputs_path: str, out: str) -
     options = json.loads(Path(options_path).read_text(encoding="utf-8"))
     sd = comfy.utils.load_torch_file(model_path)
     _register_tiny_unets(comfy, sd, "", options["unet_extra_config"])
-    capture = LogCapture()
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(capture)
-    root.setLevel(logging.DEBUG)
-    try:
+    with captured_logs() as messages:
         patcher = comfy.sd.load_diffusion_model(model_path, model_options={"dtype": torch.float32})
-    finally:
-        root.removeHandler(capture)
-        root.setLevel(level)
-    ignored = [m for m in capture.messages if any(marker in m for marker in _FULL_MARKERS)]
+    ignored = [m for m in messages if any(marker in m for marker in _FULL_MARKERS)]
     state = patcher.model.diffusion_model.state_dict()
     output = _denoise(patcher, load_file(inputs_path), torch)
     save_file({"out": output.contiguous()}, str(Path(out).with_suffix(".safetensors")))

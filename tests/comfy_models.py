@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from log_capture import LogCapture
+from log_capture import captured_logs
 
 # Bump to rebuild cached checkpoints when the way they are built changes.
 BUILD_VERSION = "1"
@@ -292,17 +292,9 @@ def check_lora(
     )
     lora = comfy.utils.load_torch_file(lora_path, safe_load=True)
 
-    capture = LogCapture()
-    root = logging.getLogger()
-    root.addHandler(capture)
-    level = root.level
-    root.setLevel(logging.DEBUG)
-    try:
+    with captured_logs() as messages:
         new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
-    finally:
-        root.removeHandler(capture)
-        root.setLevel(level)
-    not_loaded = [m for m in capture.messages if LORA_NOT_LOADED in m or m.startswith("NOT LOADED")]
+    not_loaded = [m for m in messages if LORA_NOT_LOADED in m or m.startswith("NOT LOADED")]
 
     patchers = {"model": new_model, "clip": new_clip.patcher}
     applied = {name: sum(len(v) for v in p.patches.values()) for name, p in patchers.items()}

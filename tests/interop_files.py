@@ -25,13 +25,11 @@ Run ``test_interop_diffusers.py`` / ``test_comfy_interop.py`` with ``-s`` to pri
 
 from __future__ import annotations
 
-import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from log_capture import LogCapture
+from log_capture import captured_logs
 
 RANK = 8
 ALPHA = 4.0
@@ -269,23 +267,6 @@ def expected_delta(down: torch.Tensor, up: torch.Tensor, scale: float, shape) ->
 
 # --------------------------------------------------------------------------------------------
 # diffusers as the consumer
-
-
-@contextmanager
-def captured_logs(*names: str):
-    """Collect every record of the named loggers (diffusers/peft warn through ``logging``)."""
-    capture = LogCapture()
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(capture)
-        lg.setLevel(logging.DEBUG)
-    try:
-        yield capture.messages
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.removeHandler(capture)
-            lg.setLevel(level)
 
 
 def ignored_lines(messages: list[str], *, text_encoders: bool = True) -> list[str]:

@@ -15,7 +15,6 @@ equals the render before the run, and the run goes on after it (the clone is loa
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -30,7 +29,7 @@ if not os.environ.get("COMFYUI_PATH"):
 
 import comfy_tiny  # noqa: E402
 from comfy_server import import_pack  # noqa: E402
-from log_capture import LogCapture  # noqa: E402
+from log_capture import captured_logs  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from train_helpers import tiny_config  # noqa: E402
@@ -76,14 +75,9 @@ def render(model, vae, clip, prompt: str = "red") -> torch.Tensor:
 
 def load_lora(model, path: Path):
     """Stock Load LoRA (model only), returning the patched MODEL and ComfyUI's log lines."""
-    capture = LogCapture()
-    root = logging.getLogger()
-    root.addHandler(capture)
-    try:
+    with captured_logs() as messages:
         patched, _ = host.apply_lora_file(model, None, path, strength_model=1.0, strength_clip=0.0)
-    finally:
-        root.removeHandler(capture)
-    return patched, capture.messages
+    return patched, messages
 
 
 class BaseRenderAtCheckpoint(Callbacks):
