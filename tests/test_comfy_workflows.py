@@ -187,16 +187,9 @@ def test_train_workflow_queues_its_run_and_the_run_finishes(host: ComfyClient, t
     assert f"{result['run']}-step00002.safetensors" in files
     if name == "train_lora_sd15":
         assert detail["config"]["base_model"].endswith(SD15_FILE)
-    elif (
-        name == "train_lora_flux"
-    ):  # trained on the MODEL the stock loaders gave, which ComfyUI detected as Flux
-        path = (
-            host.output_dir
-            / "finetune"
-            / result["run"]
-            / "checkpoints"
-            / f"{result['run']}-step00002.safetensors"
-        )
+    elif name == "train_lora_flux":  # trained on the MODEL the stock loaders gave, detected as Flux
+        run = result["run"]
+        path = host.output_dir / "finetune" / run / "checkpoints" / f"{run}-step00002.safetensors"
         with safe_open(path, framework="pt") as f:
             meta, keys = f.metadata(), set(f.keys())
         assert (meta["finetune.comfy_family"], meta["modelspec.architecture"]) == ("Flux", "flux-1-dev/lora")
