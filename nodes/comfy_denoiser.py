@@ -449,11 +449,8 @@ class ComfyDenoiser(TrainableDenoiser):
     def before_step(self) -> None:
         self._ensure_loaded()
 
-    def host_held_bytes(self) -> int:
-        # ComfyUI loaded these weights and counts them itself; the run reports only what it adds.
-        return (
-            int(self.patcher.loaded_size()) if self.patcher is not None and self.device.type == "cuda" else 0
-        )
+    def host_models(self) -> tuple:
+        return (self.patcher,) if self.patcher is not None else ()
 
     def release(self) -> None:
         """Eject the adapters; the clone is dropped (ComfyUI unloads it when memory is needed)."""

@@ -243,8 +243,10 @@ class ComfyHostHooks(HostHooks):
 
     - ``free_memory``: unload ComfyUI's models before the trainer loads its own (waiting first for
       a running prompt to finish, since unloading under it would break that prompt).
-    - ``reserve``: raise ComfyUI's ``EXTRA_RESERVED_VRAM`` by what the trainers hold, so ComfyUI
-      loads its models in low-VRAM mode instead of running out of memory; ``reserve(0)`` gives it back.
+    - ``reserve``: raise ComfyUI's ``EXTRA_RESERVED_VRAM`` by what the trainers are about to take
+      (their cached blocks), so ComfyUI loads its models in low-VRAM mode instead of running out
+      of memory; ``reserve(0)`` gives it back.
+    - ``make_room``: unload ComfyUI's models until what a paused trainer lent is free again.
     - ``is_busy``: True while ComfyUI runs a prompt or has one queued (the trainer pauses between
       steps).
 
@@ -292,6 +294,20 @@ class ComfyHostHooks(HostHooks):
         log.info(
             "finetune: ComfyUI now keeps %.0f MiB of VRAM free for training", mm.EXTRA_RESERVED_VRAM / 2**20
         )
+
+    def make_room(self, nbytes: int, keep: tuple = ()) -> bool:
+        import comfy.model_management as mm
+
+        device = mm.get_torch_device()
+        if nbytes <= 0 or getattr(device, "type", "") != "cuda":
+            return True
+        if self.is_running():  # never unload under a prompt
+            return False
+        with self._lock:
+            kept = self._original_reserved if self._original_reserved is not None else int(mm.EXTRA_RESERVED_VRAM)
+        loaded = [m for m in mm.current_loaded_models if m.model in keep]
+        mm.free_memory(nbytes + kept, device, keep_loaded=loaded)
+        return True
 
     def free_vram(self, device) -> int | None:
         """Free VRAM on ``device`` less what ComfyUI keeps free for itself (its own

@@ -1,5 +1,6 @@
 """memory_mode on the ComfyUI side, against stand-ins for ComfyUI's modules: the free VRAM the
-host hands the trainer, and the memory line of the Train and Step Plan nodes."""
+host hands the trainer, the room it makes when a paused run takes its memory back, and the memory
+line of the Train and Step Plan nodes."""
 
 from __future__ import annotations
 
@@ -18,13 +19,15 @@ from trainer.engine.memory import GiB
 def fake_mm(monkeypatch):
     """A fake ``comfy.model_management`` on a 12 GiB card with one 2 GiB model loaded."""
     cuda = torch.device("cuda", 0)
-    model = types.SimpleNamespace(device=cuda, model_loaded_memory=lambda: 2 * GiB)
+    model = types.SimpleNamespace(device=cuda, model_loaded_memory=lambda: 2 * GiB, model="patcher")
     mm = types.SimpleNamespace(
         EXTRA_RESERVED_VRAM=int(0.5 * GiB),
         current_loaded_models=[model],
         get_torch_device=lambda: cuda,
         get_free_memory=lambda dev=None: 9 * GiB,
+        freed=[],
     )
+    mm.free_memory = lambda required, device, keep_loaded=(): mm.freed.append((required, device, keep_loaded))
     comfy_pkg = types.ModuleType("comfy")
     comfy_pkg.model_management = mm
     monkeypatch.setitem(sys.modules, "comfy", comfy_pkg)
@@ -45,6 +48,27 @@ def test_the_host_hands_the_trainer_free_vram_less_its_own_reserve(fake_mm):
     # A run queued now would also get what unloading ComfyUI's loaded model frees.
     device, free = host.vram_for_a_new_run()
     assert (device.type, free) == ("cuda", int(10.5 * GiB))
+
+
+def test_a_run_taking_back_its_memory_has_comfyui_unload_all_but_the_model_it_trains(fake_mm, monkeypatch):
+    host = import_pack("nodes.host")
+    monkeypatch.setattr(host, "_prompt_queue", lambda: ([], []))
+    hooks = host.ComfyHostHooks()
+    hooks.reserve(3 * GiB)  # reserved before the run lent its memory: not counted as ComfyUI's own
+    assert hooks.make_room(2 * GiB, keep=("patcher",))
+    cuda = torch.device("cuda", 0)
+    # Free: the 2 GiB asked for, plus what ComfyUI keeps free for itself.
+    assert fake_mm.freed == [(int(2.5 * GiB), cuda, fake_mm.current_loaded_models)]
+    assert hooks.make_room(2 * GiB, keep=("another patcher",))
+    assert fake_mm.freed[-1][2] == []
+    # Never under a running prompt: the run is told to wait and ask again.
+    monkeypatch.setattr(host, "_prompt_queue", lambda: ([("prompt",)], []))
+    assert not hooks.make_room(2 * GiB)
+    assert len(fake_mm.freed) == 2
+    monkeypatch.setattr(host, "_prompt_queue", lambda: ([], []))
+    fake_mm.get_torch_device = lambda: torch.device("cpu")
+    assert hooks.make_room(2 * GiB)
+    assert len(fake_mm.freed) == 2
 
 
 def test_the_train_node_line_says_what_auto_would_choose_now(fake_mm, monkeypatch):

@@ -69,8 +69,10 @@ def where(monkeypatch):
             super()._move(dest)
 
     monkeypatch.setattr(offload, "Parking", SpyParking)
-    # The run's GPU memory: 1000 MiB of its own plus 700 MiB while the encoders are there.
+    # The run's GPU memory: 900 MiB of tensors and 100 MiB of cached blocks of its own, plus
+    # 600 + 100 MiB while the encoders are there.
     monkeypatch.setattr(Runtime, "memory_reserved", lambda self: (1000 + 700 * w.on_gpu) * MiB)
+    monkeypatch.setattr(Runtime, "memory_allocated", lambda self: (900 + 600 * w.on_gpu) * MiB)
     return w
 
 
@@ -138,8 +140,9 @@ def test_encoders_leave_after_caching_and_come_back_only_for_validation(tmp_path
     assert encoded_with == [("_encode_texts", True)] + [("encode_pixels", True)] * 4 + [
         ("denoiser to the GPU", False)
     ]
-    # The host's EXTRA_RESERVED_VRAM follows: all of it, less the encoders, more during renders, 0 at the end.
-    assert [n // MiB for n in host.reserved] == [1700, 1000] + [1700, 1000] * 3 + [0]
+    # The host keeps room for the cached blocks alone (the run's tensors are already gone from
+    # what it sees as free): more during renders, 0 at the end.
+    assert [n // MiB for n in host.reserved] == [200, 100] + [200, 100] * 3 + [0]
     assert (RunState.RUNNING, "caching latents and captions") in steps.states
     record = json.loads(RunFolder.for_run(config.output_dir, "tiny").run_json.read_text())
     assert record["memory"]["message"] == "memory auto: no GPU, nothing to fit (SD1.5 LoRA 64 b1)"
@@ -152,7 +155,7 @@ def test_memory_mode_off_keeps_the_encoders_where_they_are(tmp_path, data, where
     result = train(config, host=host, model_loader=loader(), device="cpu")
     assert result.state == RunState.FINISHED, result.message
     assert where.moves == []
-    assert [n // MiB for n in host.reserved] == [1700, 0]
+    assert [n // MiB for n in host.reserved] == [200, 0]
 
 
 def test_a_random_crop_keeps_the_vae_and_parks_the_text_encoder(tmp_path, data, where):
@@ -172,6 +175,105 @@ def test_an_out_of_memory_step_with_parked_encoders_ends_the_run_cleanly(tmp_pat
     assert result.state == RunState.FAILED
     assert result.message.startswith("out of GPU memory at step 1 with batch 1 at 64 px")
     assert host.reserved[-1] == 0
+
+
+class Allocator:
+    """Stands in for the CUDA caching allocator: 1000 MiB of the run's tensors, and 800 MiB of
+    blocks a step leaves cached, until emptied."""
+
+    def __init__(self):
+        self.live, self.cached = 1000 * MiB, 0
+
+    def step(self):
+        self.cached = 800 * MiB
+
+
+class LendingHost(HostHooks):
+    """A host with a prompt queued before step 2, and the memory events the run sends it."""
+
+    def __init__(self, allocator: Allocator, *, busy_before_step: int | None, refuse_room: int = 0):
+        self.allocator = allocator
+        self.busy_before_step = busy_before_step
+        self.refuse_room = refuse_room  # how many make_room calls find a prompt running
+        self.step = 0
+        self.polls = 0
+        self.events: list[tuple] = []
+
+    def reserve(self, nbytes):
+        self.events.append(("reserve", nbytes // MiB))
+
+    def make_room(self, nbytes, keep=()):
+        self.events.append(("make_room", nbytes // MiB, self.allocator.cached // MiB))
+        if self.refuse_room:
+            self.refuse_room -= 1
+            return False
+        return True
+
+    def is_busy(self):
+        # Busy for the first two polls before the step (the prompt renders while the run waits on
+        # the second); idle from the third.
+        if self.step != self.busy_before_step:
+            return False
+        self.polls += 1
+        if self.polls == 2:
+            self.events.append(("render", self.allocator.cached // MiB))
+        return self.polls <= 2
+
+
+@pytest.mark.parametrize("refuse_room", [0, 1])
+def test_a_paused_run_lends_its_cached_memory_to_the_prompts_and_takes_it_back(
+    tmp_path, data, monkeypatch, refuse_room
+):
+    allocator = Allocator()
+    monkeypatch.setattr(Runtime, "memory_reserved", lambda self: allocator.live + allocator.cached)
+    monkeypatch.setattr(Runtime, "memory_allocated", lambda self: allocator.live)
+    monkeypatch.setattr(Runtime, "empty_cache", lambda self: setattr(allocator, "cached", 0))
+    real_loss = loop_module.batch_loss
+
+    def loss(*args, **kwargs):
+        allocator.step()
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "batch_loss", loss)
+    host = LendingHost(allocator, busy_before_step=2, refuse_room=refuse_room)
+
+    class Steps(Callbacks):
+        def on_progress(self, progress):
+            host.step = progress.step + 1
+            host.events.append(("step", progress.step))
+
+    config = tiny_config(tmp_path, data, max_steps=3, epochs=5, pause_while_host_busy=True, memory_mode="off")
+    result = train(config, callbacks=Steps(), host=host, model_loader=loader(), device="cpu")
+    assert result.state == RunState.FINISHED, result.message
+    # The prompt renders with the 800 MiB cache back with the driver and nothing reserved; before
+    # step 2 the run asks for them back (again, when the first ask found a prompt running) and
+    # reserves them while its step regrows the cache.
+    taken_back = [("make_room", 800, 0)] * (1 + refuse_room) + [("reserve", 800)]
+    assert host.events == [
+        ("reserve", 0),
+        ("reserve", 800),
+        ("step", 1),
+        ("reserve", 0),
+        ("render", 0),
+        *taken_back,
+        ("step", 2),
+        ("step", 3),
+        ("reserve", 0),
+    ]
+
+
+def test_a_run_on_the_cpu_lends_nothing(tmp_path, data):
+    host = LendingHost(Allocator(), busy_before_step=2)
+
+    class Steps(Callbacks):
+        def on_progress(self, progress):
+            host.step = progress.step + 1
+
+    config = tiny_config(tmp_path, data, max_steps=3, epochs=5, pause_while_host_busy=True, memory_mode="off")
+    result = train(config, callbacks=Steps(), host=host, model_loader=loader(), device="cpu")
+    assert result.state == RunState.FINISHED, result.message
+    assert host.polls == 4
+    assert host.events == [("reserve", 0), ("render", 0), ("reserve", 0)]
 
 
 def test_the_chosen_savers_train_and_run_json_keeps_the_users_config(tmp_path, data, monkeypatch):

@@ -129,9 +129,10 @@ class TrainableDenoiser:
         """The module DDP wraps (for ``no_sync``), if any."""
         return None
 
-    def host_held_bytes(self) -> int:
-        """GPU memory of this model that the host already accounts for (its own loaded weights)."""
-        return 0
+    def host_models(self) -> tuple:
+        """The host's own loaded models this run trains on, which the host must keep loaded when
+        it makes room for the run (a ComfyUI MODEL's patcher); none for a model the run loaded."""
+        return ()
 
     def run_info(self) -> dict:
         """What run.json records under ``model``."""

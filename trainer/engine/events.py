@@ -137,7 +137,19 @@ class HostHooks:
         """Ask the host to release the GPU memory it holds (before the trainer loads models)."""
 
     def reserve(self, nbytes: int) -> None:
-        """Tell the host the trainer now holds ``nbytes`` of GPU memory (0 = released)."""
+        """Ask the host to leave ``nbytes`` of GPU memory free for the trainer (0 = nothing).
+
+        Only what the trainer is about to take counts: the cached blocks its steps reuse, and the
+        growth back to its working set after it lent memory. What it holds is already gone from
+        the free memory the host sees."""
+
+    def make_room(self, nbytes: int, keep: tuple = ()) -> bool:
+        """Ask the host to free ``nbytes`` of GPU memory for the trainer, unloading its own models
+        if it must, but not those in ``keep`` (the host's models the run trains on). False when it
+        cannot now (it is running work); the trainer waits and asks again.
+
+        Called when a run that lent its memory to the host's prompts takes it back."""
+        return True
 
     def is_busy(self) -> bool:
         """True while the host is executing work the trainer should yield the GPU to."""

@@ -184,6 +184,7 @@ class _Run:
         self.runtime: Runtime | None = None
         self.model: TrainableDenoiser | None = None
         self.reserved_reported: int | None = None
+        self.lent = 0  # GPU bytes the run gave back to the host while it waited, to take back
         self.prefetch: Prefetcher | None = None
         self.graphs = None
         self.position = Position(step=0, epoch=1, step_in_epoch=0)
@@ -465,6 +466,7 @@ class _Run:
                 return True
             if self.commands.paused:
                 self._status(RunState.PAUSED, f"paused at step {self.step}")
+                self._lend_memory()
                 while not self.commands.wait_while_paused(timeout=1.0):
                     pass
                 if not self.commands.stop_requested:
@@ -472,11 +474,39 @@ class _Run:
                 continue
             if self.config.pause_while_host_busy and self.host.is_busy():
                 self.cb.on_state(self.name, RunState.PAUSED, "waiting while ComfyUI runs a prompt")
+                self._lend_memory()
                 while self.host.is_busy() and not self.commands.stop_requested and not self.commands.paused:
                     time.sleep(_BUSY_POLL_S)
                 self.cb.on_state(self.name, RunState.RUNNING, "")
                 continue
+            if not self._take_back_memory():
+                time.sleep(_BUSY_POLL_S)
+                continue
             return False
+
+    def _lend_memory(self) -> None:
+        """While the run waits, its cached GPU blocks go back to the driver and the host stops
+        keeping room for them, so a prompt renders with all the memory the run does not hold."""
+        rt = self.runtime
+        working_set = rt.memory_reserved()
+        if working_set == 0:  # the CPU
+            return
+        rt.empty_cache()
+        self.host.reserve(0)
+        self.reserved_reported = 0
+        self.lent += max(0, working_set - rt.memory_reserved())
+
+    def _take_back_memory(self) -> bool:
+        """Before the next step: have the host free what the run lent (unloading the prompts'
+        models if it must) and keep it free again, so the step finds its working set. False when
+        the host cannot yet (a prompt started meanwhile)."""
+        if self.lent == 0:
+            return True
+        if not self.host.make_room(self.lent, keep=self.model.host_models()):
+            return False
+        self.host.reserve(self.lent)
+        self.reserved_reported, self.lent = self.lent, 0
+        return True
 
     def _train_step(self, batch: StepBatches, images: list) -> float:
         """Forward and backward over the step's micro-batches, then one optimizer step.
@@ -556,10 +586,13 @@ class _Run:
         return rt.mean_over_processes(loss)
 
     def _reserve(self) -> None:
-        """Tell the host how much GPU memory the run holds, when it changed noticeably (the first
-        steps and validation renders grow it after loading)."""
-        # Weights the host itself loaded (a ComfyUI MODEL) are already in its own accounting.
-        reserved = max(0, self.runtime.memory_reserved() - self.model.host_held_bytes())
+        """Tell the host how much GPU memory to leave free for the run, when it changed noticeably
+        (the first steps and validation renders grow the allocator's cache)."""
+        # Only the cached blocks: the next step reuses them, yet the host counts them as free. The
+        # live tensors (and a ComfyUI MODEL's weights) are already gone from what the host sees as
+        # free; reserving them too left ComfyUI's renders beside a run half the memory they had.
+        rt = self.runtime
+        reserved = max(0, rt.memory_reserved() - rt.memory_allocated())
         if self.reserved_reported is None or abs(reserved - self.reserved_reported) >= _RESERVE_DELTA:
             self.host.reserve(reserved)
             self.reserved_reported = reserved

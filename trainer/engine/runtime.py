@@ -205,6 +205,17 @@ class Runtime:
             return int(torch.cuda.memory_reserved(self.device))
         return 0
 
+    def memory_allocated(self) -> int:
+        """Bytes of live tensors on this device (0 on the CPU)."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.device))
+        return 0
+
+    def empty_cache(self) -> None:
+        """Give the allocator's unused blocks back to the driver (a no-op on the CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def peak_memory(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
