@@ -165,7 +165,9 @@ def run_case(
                 )
             build_s = time.perf_counter() - t_build
             key = (case.arch, case.method, case.batch, case.resolution)
-            if key not in flops_cache and (variant == "ref" or (variant != "peer" and not VARIANTS[variant].compile)):
+            if key not in flops_cache and (
+                variant == "ref" or (variant != "peer" and not VARIANTS[variant].compile)
+            ):
                 flops_cache[key] = _count_flops(count, model, case, device)
             m = measure(
                 name,

@@ -304,7 +304,11 @@ class ComfyHostHooks(HostHooks):
         if self.is_running():  # never unload under a prompt
             return False
         with self._lock:
-            kept = self._original_reserved if self._original_reserved is not None else int(mm.EXTRA_RESERVED_VRAM)
+            kept = (
+                self._original_reserved
+                if self._original_reserved is not None
+                else int(mm.EXTRA_RESERVED_VRAM)
+            )
         loaded = [m for m in mm.current_loaded_models if m.model in keep]
         mm.free_memory(nbytes + kept, device, keep_loaded=loaded)
         return True

@@ -33,7 +33,10 @@ def test_the_peer_variant_is_the_reference_compiled_and_every_row_shows_ours_ove
     out = capsys.readouterr().out
     assert code == 0, out
     assert "x peer" in out
-    rows = {m.group(1): m for m in re.finditer(r"^sd15-lora-b1 (ref|peer|default)\s+(\S+)\s+(\S+)\s+(\S+)", out, re.M)}
+    rows = {
+        m.group(1): m
+        for m in re.finditer(r"^sd15-lora-b1 (ref|peer|default)\s+(\S+)\s+(\S+)\s+(\S+)", out, re.M)
+    }
     assert set(rows) == {"ref", "peer", "default"}, out
     assert "whole denoiser under torch.compile" in rows["peer"].string[rows["peer"].start() :].splitlines()[0]
     # ours / peer of the peer row itself is 1

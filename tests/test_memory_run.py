@@ -236,6 +236,7 @@ def test_a_paused_run_lends_its_cached_memory_to_the_prompts_and_takes_it_back(
 
     monkeypatch.setattr(loop_module, "batch_loss", loss)
     host = LendingHost(allocator, busy_before_step=2, refuse_room=refuse_room)
+    host.step = 1
 
     class Steps(Callbacks):
         def on_progress(self, progress):
@@ -259,6 +260,29 @@ def test_a_paused_run_lends_its_cached_memory_to_the_prompts_and_takes_it_back(
         ("step", 2),
         ("step", 3),
         ("reserve", 0),
+    ]
+
+
+def test_a_run_paused_before_its_first_step_takes_back_what_its_plan_estimates(tmp_path, data, monkeypatch):
+    allocator = Allocator()
+    monkeypatch.setattr(Runtime, "memory_reserved", lambda self: allocator.live + allocator.cached)
+    monkeypatch.setattr(Runtime, "memory_allocated", lambda self: allocator.live)
+    monkeypatch.setattr(Runtime, "empty_cache", lambda self: setattr(allocator, "cached", 0))
+    host = LendingHost(allocator, busy_before_step=1)
+    host.step = 1
+    config = tiny_config(tmp_path, data, max_steps=1, pause_while_host_busy=True)
+    result = train(config, host=host, model_loader=loader(), device="cpu")
+    assert result.state == RunState.FINISHED, result.message
+    estimate = json.loads(RunFolder.for_run(config.output_dir, "tiny").run_json.read_text())["memory"]
+    # No step has shown the run's working set yet: the plan's estimate, less what the run holds.
+    first_step = (estimate["chosen_estimate_bytes"] - allocator.live) // MiB
+    assert first_step > 0
+    assert host.events[:5] == [
+        ("reserve", 0),
+        ("reserve", 0),
+        ("render", 0),
+        ("make_room", first_step, 0),
+        ("reserve", first_step),
     ]
 
 

@@ -158,7 +158,9 @@ def test_documented_bench_commands_exist_with_their_flags():
             found.setdefault(match.group(1), set()).update(re.findall(r"(--[a-z0-9-]+)", match.group(2)))
     assert set(found) == {"bench", "bench.sweep_speed", "bench.comfy_gpu"}
     assert {"--cases", "--variants", "--e2e", "--smoke"} <= found["bench"]
-    assert {"--scenarios", "--card-gib", "--smoke", "--comfy", "--python", "--out"} <= found["bench.comfy_gpu"]
+    assert {"--scenarios", "--card-gib", "--smoke", "--comfy", "--python", "--out"} <= found[
+        "bench.comfy_gpu"
+    ]
     for module, flags in found.items():
         path = ROOT / (module.replace(".", "/") + ".py" if "." in module else "bench/__main__.py")
         if path.with_suffix("").is_dir():  # a package: its command line is in __main__.py

@@ -185,6 +185,7 @@ class _Run:
         self.model: TrainableDenoiser | None = None
         self.reserved_reported: int | None = None
         self.lent = 0  # GPU bytes the run gave back to the host while it waited, to take back
+        self.stepped = False  # whether a step ran in this process (its working set is known)
         self.prefetch: Prefetcher | None = None
         self.graphs = None
         self.position = Position(step=0, epoch=1, step_in_epoch=0)
@@ -428,6 +429,7 @@ class _Run:
                     self.prefetch.submit(steps[i + 1])
                 loss = self._train_step(batch, images)
                 self.step += 1
+                self.stepped = True
                 self.position = Position(step=self.step, epoch=epoch, step_in_epoch=batch.index + 1)
                 now = time.perf_counter()
                 self._report(
@@ -491,6 +493,9 @@ class _Run:
         working_set = rt.memory_reserved()
         if working_set == 0:  # the CPU
             return
+        if not self.stepped and self.memory is not None:
+            # Not grown to its working set yet: the plan's estimate stands in for the first step.
+            working_set = max(working_set, self.memory.after)
         rt.empty_cache()
         self.host.reserve(0)
         self.reserved_reported = 0
