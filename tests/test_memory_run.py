@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from log_capture import captured_logs
 from train_helpers import make_images, tiny_config
 
 from trainer.config import Arch
@@ -244,8 +245,13 @@ def test_a_paused_run_lends_its_cached_memory_to_the_prompts_and_takes_it_back(
             host.events.append(("step", progress.step))
 
     config = tiny_config(tmp_path, data, max_steps=3, epochs=5, pause_while_host_busy=True, memory_mode="off")
-    result = train(config, callbacks=Steps(), host=host, model_loader=loader(), device="cpu")
+    with captured_logs("finetune") as logs:
+        result = train(config, callbacks=Steps(), host=host, model_loader=loader(), device="cpu")
     assert result.state == RunState.FINISHED, result.message
+    assert [m for m in logs if "GPU memory" in m] == [
+        "finetune: run tiny lends 800 MiB of GPU memory while it waits",
+        "finetune: run tiny took back 800 MiB of GPU memory",
+    ]
     # The prompt renders with the 800 MiB cache back with the driver and nothing reserved; before
     # step 2 the run asks for them back (again, when the first ask found a prompt running) and
     # reserves them while its step regrows the cache.

@@ -499,7 +499,9 @@ class _Run:
         rt.empty_cache()
         self.host.reserve(0)
         self.reserved_reported = 0
-        self.lent += max(0, working_set - rt.memory_reserved())
+        lent = max(0, working_set - rt.memory_reserved())
+        self.lent += lent
+        log.info("finetune: run %s lends %.0f MiB of GPU memory while it waits", self.name, lent / 2**20)
 
     def _take_back_memory(self) -> bool:
         """Before the next step: have the host free what the run lent (unloading the prompts'
@@ -509,6 +511,7 @@ class _Run:
             return True
         if not self.host.make_room(self.lent, keep=self.model.host_models()):
             return False
+        log.info("finetune: run %s took back %.0f MiB of GPU memory", self.name, self.lent / 2**20)
         self.host.reserve(self.lent)
         self.reserved_reported, self.lent = self.lent, 0
         return True
