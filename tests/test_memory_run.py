@@ -189,14 +189,23 @@ class Allocator:
         self.cached = 800 * MiB
 
 
-class LendingHost(HostHooks):
-    """A host with a prompt queued before step 2, and the memory events the run sends it."""
+@pytest.fixture
+def allocator(monkeypatch) -> Allocator:
+    a = Allocator()
+    monkeypatch.setattr(Runtime, "memory_reserved", lambda self: a.live + a.cached)
+    monkeypatch.setattr(Runtime, "memory_allocated", lambda self: a.live)
+    monkeypatch.setattr(Runtime, "empty_cache", lambda self: setattr(a, "cached", 0))
+    return a
 
-    def __init__(self, allocator: Allocator, *, busy_before_step: int | None, refuse_room: int = 0):
+
+class LendingHost(HostHooks):
+    """A host with a prompt queued before one step, and the memory events the run sends it."""
+
+    def __init__(self, allocator: Allocator, *, busy_before_step: int, refuse_room: int = 0):
         self.allocator = allocator
         self.busy_before_step = busy_before_step
         self.refuse_room = refuse_room  # how many make_room calls find a prompt running
-        self.step = 0
+        self.step = 1  # the step the run is about to take
         self.polls = 0
         self.events: list[tuple] = []
 
@@ -223,12 +232,8 @@ class LendingHost(HostHooks):
 
 @pytest.mark.parametrize("refuse_room", [0, 1])
 def test_a_paused_run_lends_its_cached_memory_to_the_prompts_and_takes_it_back(
-    tmp_path, data, monkeypatch, refuse_room
+    tmp_path, data, monkeypatch, allocator, refuse_room
 ):
-    allocator = Allocator()
-    monkeypatch.setattr(Runtime, "memory_reserved", lambda self: allocator.live + allocator.cached)
-    monkeypatch.setattr(Runtime, "memory_allocated", lambda self: allocator.live)
-    monkeypatch.setattr(Runtime, "empty_cache", lambda self: setattr(allocator, "cached", 0))
     real_loss = loop_module.batch_loss
 
     def loss(*args, **kwargs):
@@ -237,7 +242,6 @@ def test_a_paused_run_lends_its_cached_memory_to_the_prompts_and_takes_it_back(
 
     monkeypatch.setattr(loop_module, "batch_loss", loss)
     host = LendingHost(allocator, busy_before_step=2, refuse_room=refuse_room)
-    host.step = 1
 
     class Steps(Callbacks):
         def on_progress(self, progress):
@@ -269,13 +273,8 @@ def test_a_paused_run_lends_its_cached_memory_to_the_prompts_and_takes_it_back(
     ]
 
 
-def test_a_run_paused_before_its_first_step_takes_back_what_its_plan_estimates(tmp_path, data, monkeypatch):
-    allocator = Allocator()
-    monkeypatch.setattr(Runtime, "memory_reserved", lambda self: allocator.live + allocator.cached)
-    monkeypatch.setattr(Runtime, "memory_allocated", lambda self: allocator.live)
-    monkeypatch.setattr(Runtime, "empty_cache", lambda self: setattr(allocator, "cached", 0))
+def test_a_run_paused_before_its_first_step_takes_back_what_its_plan_estimates(tmp_path, data, allocator):
     host = LendingHost(allocator, busy_before_step=1)
-    host.step = 1
     config = tiny_config(tmp_path, data, max_steps=1, pause_while_host_busy=True)
     result = train(config, host=host, model_loader=loader(), device="cpu")
     assert result.state == RunState.FINISHED, result.message
