@@ -303,14 +303,8 @@ class ComfyHostHooks(HostHooks):
             return True
         if self.is_running():  # never unload under a prompt
             return False
-        with self._lock:
-            kept = (
-                self._original_reserved
-                if self._original_reserved is not None
-                else int(mm.EXTRA_RESERVED_VRAM)
-            )
         loaded = [m for m in mm.current_loaded_models if m.model in keep]
-        mm.free_memory(nbytes + kept, device, keep_loaded=loaded)
+        mm.free_memory(nbytes + self._comfy_reserve(), device, keep_loaded=loaded)
         return True
 
     def free_vram(self, device) -> int | None:
@@ -320,13 +314,16 @@ class ComfyHostHooks(HostHooks):
 
         if getattr(device, "type", "") != "cuda":
             return None
+        return max(0, int(mm.get_free_memory(device)) - self._comfy_reserve())
+
+    def _comfy_reserve(self) -> int:
+        """ComfyUI's own ``EXTRA_RESERVED_VRAM`` (``--reserve-vram``), without what trainers added."""
+        import comfy.model_management as mm
+
         with self._lock:
-            kept = (
-                self._original_reserved
-                if self._original_reserved is not None
-                else int(mm.EXTRA_RESERVED_VRAM)
-            )
-        return max(0, int(mm.get_free_memory(device)) - kept)
+            if self._original_reserved is not None:
+                return self._original_reserved
+            return int(mm.EXTRA_RESERVED_VRAM)
 
     def is_busy(self) -> bool:
         """True while a prompt runs or waits in the queue: between back-to-back prompts the run
