@@ -598,7 +598,7 @@ class _Run:
         (the first steps and validation renders grow the allocator's cache)."""
         # Only the cached blocks: the next step reuses them, yet the host counts them as free. The
         # live tensors (and a ComfyUI MODEL's weights) are already gone from what the host sees as
-        # free; reserving them too left ComfyUI's renders beside a run half the memory they had.
+        # free; reserving them too took them off ComfyUI's budget twice and starved its renders.
         rt = self.runtime
         reserved = max(0, rt.memory_reserved() - rt.memory_allocated())
         if self.reserved_reported is None or abs(reserved - self.reserved_reported) >= _RESERVE_DELTA:
