@@ -179,20 +179,21 @@ def test_an_out_of_memory_step_with_parked_encoders_ends_the_run_cleanly(tmp_pat
 
 
 class Allocator:
-    """Stands in for the CUDA caching allocator: 1000 MiB of the run's tensors, and 800 MiB of
-    blocks a step leaves cached, until emptied."""
+    """Stands in for the CUDA caching allocator: 1000 MiB of the run's tensors, 800 MiB of blocks a
+    step leaves cached, until emptied, and ``graph_pool`` free bytes a step leaves in a CUDA graph's
+    private pool, which emptying the cache does not release."""
 
     def __init__(self):
-        self.live, self.cached = 1000 * MiB, 0
+        self.live, self.cached, self.pooled, self.graph_pool = 1000 * MiB, 0, 0, 0
 
     def step(self):
-        self.cached = 800 * MiB
+        self.cached, self.pooled = 800 * MiB, self.graph_pool
 
 
 @pytest.fixture
 def allocator(monkeypatch) -> Allocator:
     a = Allocator()
-    monkeypatch.setattr(Runtime, "memory_reserved", lambda self: a.live + a.cached)
+    monkeypatch.setattr(Runtime, "memory_reserved", lambda self: a.live + a.cached + a.pooled)
     monkeypatch.setattr(Runtime, "memory_allocated", lambda self: a.live)
     monkeypatch.setattr(Runtime, "empty_cache", lambda self: setattr(a, "cached", 0))
     return a
@@ -230,10 +231,13 @@ class LendingHost(HostHooks):
         return self.polls <= 2
 
 
-@pytest.mark.parametrize("refuse_room", [0, 1])
+@pytest.mark.parametrize(
+    ("refuse_room", "graph_pool"), [(0, 0), (1, 0), (0, 300)], ids=["room", "prompt-started", "graph-pool"]
+)
 def test_a_paused_run_lends_its_cached_memory_to_the_prompts_and_takes_it_back(
-    tmp_path, data, monkeypatch, allocator, refuse_room
+    tmp_path, data, monkeypatch, allocator, refuse_room, graph_pool
 ):
+    allocator.graph_pool = graph_pool * MiB
     real_loss = loop_module.batch_loss
 
     def loss(*args, **kwargs):
@@ -256,15 +260,15 @@ def test_a_paused_run_lends_its_cached_memory_to_the_prompts_and_takes_it_back(
         "finetune: run tiny lends 800 MiB of GPU memory while it waits",
         "finetune: run tiny took back 800 MiB of GPU memory",
     ]
-    # The prompt renders with the 800 MiB cache back with the driver and nothing reserved; before
-    # step 2 the run asks for them back (again, when the first ask found a prompt running) and
-    # reserves them while its step regrows the cache.
-    taken_back = [("make_room", 800, 0)] * (1 + refuse_room) + [("reserve", 800)]
+    # The prompt renders with the 800 MiB cache back with the driver, and only the graph pool the
+    # run cannot release still reserved; before step 2 the run asks for the 800 MiB back (again,
+    # when the first ask found a prompt running) and reserves them while its step regrows the cache.
+    taken_back = [("make_room", 800, 0)] * (1 + refuse_room) + [("reserve", 800 + graph_pool)]
     assert host.events == [
         ("reserve", 0),
-        ("reserve", 800),
+        ("reserve", 800 + graph_pool),
         ("step", 1),
-        ("reserve", 0),
+        ("reserve", graph_pool),
         ("render", 0),
         *taken_back,
         ("step", 2),

@@ -488,7 +488,8 @@ class _Run:
 
     def _lend_memory(self) -> None:
         """While the run waits, its cached GPU blocks go back to the driver and the host stops
-        keeping room for them, so a prompt renders with all the memory the run does not hold."""
+        keeping room for them, so a prompt renders with all the memory the run does not hold or
+        cannot release."""
         rt = self.runtime
         working_set = rt.memory_reserved()
         if working_set == 0:  # the CPU
@@ -497,8 +498,12 @@ class _Run:
             # Not grown to its working set yet: the plan's estimate stands in for the first step.
             working_set = max(working_set, self.memory.after)
         rt.empty_cache()
-        self.host.reserve(0)
-        self.reserved_reported = 0
+        # What empty_cache cannot release stays reserved: the private pools of the run's CUDA graphs
+        # (a step's activations between replays) and the free parts of segments live tensors split.
+        # The host would count those as free, yet a prompt cannot allocate from them.
+        kept = max(0, rt.memory_reserved() - rt.memory_allocated())
+        self.host.reserve(kept)
+        self.reserved_reported = kept
         lent = max(0, working_set - rt.memory_reserved())
         self.lent += lent
         log.info("finetune: run %s lends %.0f MiB of GPU memory while it waits", self.name, lent / 2**20)
@@ -512,8 +517,9 @@ class _Run:
         if not self.host.make_room(self.lent, keep=self.model.host_models()):
             return False
         log.info("finetune: run %s took back %.0f MiB of GPU memory", self.name, self.lent / 2**20)
-        self.host.reserve(self.lent)
-        self.reserved_reported, self.lent = self.lent, 0
+        self.reserved_reported = (self.reserved_reported or 0) + self.lent
+        self.host.reserve(self.reserved_reported)
+        self.lent = 0
         return True
 
     def _train_step(self, batch: StepBatches, images: list) -> float:
