@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -426,6 +427,40 @@ def test_the_wheels_file_lists_pinned_packages_and_the_av_stub_imports(tmp_path)
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "PyAV is not installed on this machine (bench/comfy_gpu carries a stub)"
+
+
+def test_bitsandbytes_travels_with_its_cuda_13_libraries_only(tmp_path):
+    wheel = tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
+    libraries = ["cpu", "cuda118", "cuda128", "cuda130", "cuda132", "rocm71"]
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("bitsandbytes/__init__.py", "")
+        z.writestr("bitsandbytes/optim/adamw.py", "")
+        for lib in libraries:
+            z.writestr(f"bitsandbytes/libbitsandbytes_{lib}.so", b"\0")
+        z.writestr("bitsandbytes-0.50.2.dist-info/METADATA", "")
+    bundle._unpack_bitsandbytes(wheel, tmp_path / "site")
+    files = sorted(
+        str(f.relative_to(tmp_path / "site")) for f in (tmp_path / "site").rglob("*") if f.is_file()
+    )
+    assert files == [
+        "bitsandbytes/__init__.py",
+        "bitsandbytes/libbitsandbytes_cpu.so",
+        "bitsandbytes/libbitsandbytes_cuda130.so",
+        "bitsandbytes/libbitsandbytes_cuda132.so",
+        "bitsandbytes/optim/adamw.py",
+    ]
+
+
+def test_a_bitsandbytes_that_cannot_step_on_the_gpu_is_removed_before_the_runs(tmp_path):
+    """On this machine (no CUDA) the probe's 8-bit step fails: the runs go on without 8-bit state."""
+    site = tmp_path / "site"
+    (site / "bitsandbytes").mkdir(parents=True)
+    (site / "bitsandbytes" / "__init__.py").write_text("from . import optim\n", encoding="utf-8")
+    line = bundle.check_bitsandbytes(site, sys.executable)
+    assert line.startswith("bitsandbytes: removed, an 8-bit AdamW step failed on the GPU (")
+    assert "ImportError" in line or "ModuleNotFoundError" in line or "CUDA" in line, line
+    assert not (site / "bitsandbytes").exists()
+    assert bundle.check_bitsandbytes(site, sys.executable) == "bitsandbytes: not carried"
 
 
 def test_the_trainers_free_memory_reads_a_capped_process_on_a_plain_cuda_device(monkeypatch):

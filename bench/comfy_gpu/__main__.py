@@ -219,6 +219,8 @@ def run(args: argparse.Namespace) -> int:
     if site is not None and str(site) not in sys.path:
         sys.path.append(str(site))  # websocket-client for this process
     python = args.python or sys.executable
+    if site is not None and not args.smoke:
+        print(bundle.check_bitsandbytes(site, python), flush=True)
     cache = Path(args.model_cache) if args.model_cache else workdir / "models"
     # The first scenario's model is built now; the others' (and --prebuild's) in the background.
     models = build_models(set(scenarios[0].builds), cache, comfy, python, site, smoke=args.smoke)

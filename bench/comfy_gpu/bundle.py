@@ -6,16 +6,19 @@ named in the device call's ``carry``):
 - ``comfyui.tar.gz``: ``git archive`` of the pinned commit, minus blobs the mirror lacks (two
   tokenizers SD1.5/SDXL/SD3 never read) and the folders no server start needs (tests).
 - ``wheels/``: ``bench/comfy_wheels.txt``, downloaded for CPython 3.12 x86-64.
-- ``site/``: two packages carried unpacked and cut down, because their wheels alone would pass the
-  64 MiB that may travel: ``comfy_kitchen`` without its CUDA/HIP extension libraries (230 MB;
-  ComfyUI then uses its eager backend, only used for quantized formats) and a stub ``av``
-  (PyAV, 36 MB; only video nodes use it, and ComfyUI imports it at start-up).
+- ``site/``: three packages carried unpacked and cut down, because their wheels alone would pass
+  the 64 MiB that may travel: ``comfy_kitchen`` without its CUDA/HIP extension libraries (230 MB;
+  ComfyUI then uses its eager backend, only used for quantized formats), ``bitsandbytes`` with
+  only its CUDA 13 libraries (the device's torch is cu130) and a stub ``av`` (PyAV, 36 MB; only
+  video nodes use it, and ComfyUI imports it at start-up).
 
 On the device ``install`` unpacks the archive and installs the wheels with ``pip --target``.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,7 +32,9 @@ COMFY_MIRROR = Path("/work/.mirror/yzkee+ComfyUI/repo")
 BUNDLE = ROOT / ".comfy_gpu"
 WHEELS_FILE = ROOT / "bench" / "comfy_wheels.txt"
 #: Packages of the wheels file carried unpacked and cut down (see the module docstring).
-UNPACKED = ("comfy-kitchen",)
+UNPACKED = ("comfy-kitchen", "bitsandbytes")
+#: The bitsandbytes libraries carried: the CPU one and those for torch's CUDA 13.x.
+BNB_LIBRARIES = re.compile(r"^libbitsandbytes_(cpu|cuda13\d)\.so$")
 #: Folders of ComfyUI that no server start reads.
 ARCHIVE_EXCLUDES = ("tests", "tests-unit", ".github", ".ci")
 #: Largest the bundle may be (the device call carries the repo too, 64 MiB in all).
@@ -155,6 +160,15 @@ def _unpack_kitchen(wheel: Path, site: Path) -> None:
                 z.extract(name, site)
 
 
+def _unpack_bitsandbytes(wheel: Path, site: Path) -> None:
+    """bitsandbytes with its CPU and CUDA 13 libraries only (it loads the one torch's CUDA names)."""
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            library = Path(name).name.startswith("libbitsandbytes_")
+            if name.startswith("bitsandbytes/") and (not library or BNB_LIBRARIES.search(Path(name).name)):
+                z.extract(name, site)
+
+
 def prepare(bundle: Path = BUNDLE) -> dict:
     """Fill ``bundle`` for the device; returns the sizes. Idempotent (downloads only what is missing)."""
     bundle.mkdir(exist_ok=True)
@@ -167,11 +181,13 @@ def prepare(bundle: Path = BUNDLE) -> dict:
     shutil.rmtree(site, ignore_errors=True)
     (site / "av").mkdir(parents=True)
     (site / "av" / "__init__.py").write_text(AV_STUB, encoding="utf-8")
-    tmp = bundle / "kitchen-tmp"
+    tmp = bundle / "unpack-tmp"
     tmp.mkdir(exist_ok=True)
     _download([s for s in wheel_specs() if s.split("==")[0] in UNPACKED], tmp)
     for wheel in tmp.glob("comfy_kitchen-*.whl"):
         _unpack_kitchen(wheel, site)
+    for wheel in tmp.glob("bitsandbytes-*.whl"):
+        _unpack_bitsandbytes(wheel, site)
     shutil.rmtree(tmp)
     wanted = {s.split("==")[0].lower().replace("-", "_") for s in specs}
     for wheel in wheels.glob("*.whl"):  # drop wheels no longer listed
@@ -181,6 +197,31 @@ def prepare(bundle: Path = BUNDLE) -> dict:
     if size > BUNDLE_LIMIT:
         raise SystemExit(f".comfy_gpu is {size / 2**20:.1f} MiB, over {BUNDLE_LIMIT / 2**20:.0f} MiB")
     return {"bundle_mib": round(size / 2**20, 1), "wheels": len(list(wheels.glob("*.whl")))}
+
+
+BNB_PROBE = """
+import torch, bitsandbytes as bnb
+p = torch.nn.Parameter(torch.ones(8192, device="cuda"))
+opt = bnb.optim.AdamW8bit([p], lr=0.1)
+p.grad = torch.ones_like(p)
+opt.step()
+assert opt.state[p]["state1"].dtype == torch.uint8 and float(p.detach()[0]) < 1.0
+"""
+
+
+def check_bitsandbytes(site: Path, python: str) -> str:
+    """On the device: whether the carried bitsandbytes takes an 8-bit AdamW step on this GPU. If
+    not, it leaves ``site``, so the runs go on without 8-bit optimizer state (as for a user without
+    it) instead of failing. Returns the line to print."""
+    if not (site / "bitsandbytes").is_dir():
+        return "bitsandbytes: not carried"
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    probe = subprocess.run([python, "-c", BNB_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    if probe.returncode == 0:
+        return "bitsandbytes: an 8-bit AdamW step ran on the GPU; memory_mode auto may choose it"
+    shutil.rmtree(site / "bitsandbytes")
+    last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+    return f"bitsandbytes: removed, an 8-bit AdamW step failed on the GPU ({last})"
 
 
 def install(bundle: Path, dest: Path, *, wheels: bool = True) -> tuple[Path, Path]:
