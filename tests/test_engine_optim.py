@@ -42,8 +42,13 @@ def test_registry_builds_each_optimizer_and_refuses_unknown_names():
         build_optimizer("sgd", groups, OptimizerSettings(lr=1e-3))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
-def test_adamw8bit_without_bitsandbytes_says_what_to_install():
+def test_adamw8bit_without_bitsandbytes_says_what_to_install(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a),
+    )
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
         build_optimizer(
             "adamw8bit", param_groups(denoiser_params=params(), lr=1e-3), OptimizerSettings(lr=1e-3)

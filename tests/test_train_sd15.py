@@ -112,8 +112,18 @@ def test_checkpoints_keep_limit_metrics_and_run_json(tmp_path, data):
     assert (folder.path / "loss.png").is_file()
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, data):
-    common = dict(max_steps=6, epochs=10, checkpoint_every=4, flip=True, lora_dropout=0.1)
+@pytest.mark.parametrize(
+    "method",
+    [
+        dict(lora_dropout=0.1),
+        # bitsandbytes nests its 8-bit state in a dict and shares one quantisation map among all
+        # parameters: both must survive the resume state's safetensors + JSON.
+        dict(method="full", optimizer="adamw8bit", learning_rate=1e-4),
+    ],
+    ids=["lora", "full-adamw8bit"],
+)
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, data, method):
+    common = dict(max_steps=6, epochs=10, checkpoint_every=4, flip=True, **method)
     straight = tiny_config(tmp_path / "a", data, **common)
     assert train(straight, model_loader=loader(), device="cpu").state == RunState.FINISHED
 

@@ -76,30 +76,60 @@ def latest_state(root: str | Path) -> Path | None:
 # Optimizer state <-> (tensors, JSON)
 
 
+def _split_entry(entry: dict, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Move an optimizer state entry's tensors into ``tensors`` (keyed ``prefix/key[/subkey…]``) and
+    return the rest. Entries nest: bitsandbytes keeps its 8-bit state and quantisation maps in a
+    dict of tensors under ``__bnb_optimizer_quant_state__``."""
+    rest: dict[str, Any] = {}
+    for key, value in entry.items():
+        name = f"{prefix}/{key}"
+        if isinstance(value, torch.Tensor):
+            tensors[name] = value.detach().to("cpu").contiguous()
+        elif isinstance(value, dict):
+            rest[key] = _split_entry(value, name, tensors)
+        else:
+            rest[key] = value
+    return rest
+
+
 def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for pid, entry in sd["state"].items():
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{pid}/{key}"] = value.detach().to("cpu").contiguous()
-            else:
-                scalars.setdefault(str(pid), {})[key] = value
+    scalars = {str(pid): _split_entry(entry, str(pid), tensors) for pid, entry in sd["state"].items()}
+    # safetensors refuses tensors that share memory, and bitsandbytes shares one quantisation map
+    # among all its parameters: each gets its own copy (256 floats).
+    stored: set[int] = set()
+    for name, tensor in tensors.items():
+        where = tensor.untyped_storage().data_ptr()
+        if where in stored:
+            tensors[name] = tensor.clone()
+        else:
+            stored.add(where)
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
     return tensors, {
-        "scalars": scalars,
+        "scalars": {pid: rest for pid, rest in scalars.items() if rest},
         "param_groups": groups,
         "tensor_pids": sorted({int(k.split("/")[0]) for k in tensors}),
     }
 
 
+def _merge(into: dict, values: dict) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict):
+            _merge(into.setdefault(key, {}), value)
+        else:
+            into[key] = value
+
+
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
-        pid, key = name.split("/", 1)
-        state.setdefault(int(pid), {})[key] = value
-    for pid, entry in meta["scalars"].items():
-        state.setdefault(int(pid), {}).update(entry)
+        pid, *path, key = name.split("/")
+        entry = state.setdefault(int(pid), {})
+        for part in path:
+            entry = entry.setdefault(part, {})
+        entry[key] = value
+    for pid, rest in meta["scalars"].items():
+        _merge(state.setdefault(int(pid), {}), rest)
     groups = []
     for g in meta["param_groups"]:
         g = dict(g)
