@@ -4,6 +4,7 @@ pauses and every contained failure."""
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 
 import pytest
@@ -118,7 +119,12 @@ def test_checkpoints_keep_limit_metrics_and_run_json(tmp_path, data):
         dict(lora_dropout=0.1),
         # bitsandbytes nests its 8-bit state in a dict and shares one quantisation map among all
         # parameters: both must survive the resume state's safetensors + JSON.
-        dict(method="full", optimizer="adamw8bit", learning_rate=1e-4),
+        pytest.param(
+            dict(method="full", optimizer="adamw8bit", learning_rate=1e-4),
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (the test extra)"
+            ),
+        ),
     ],
     ids=["lora", "full-adamw8bit"],
 )
