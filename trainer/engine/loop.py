@@ -501,7 +501,7 @@ class _Run:
         # What empty_cache cannot release stays reserved: the private pools of the run's CUDA graphs
         # (a step's activations between replays) and the free parts of segments live tensors split.
         # The host would count those as free, yet a prompt cannot allocate from them.
-        kept = max(0, rt.memory_reserved() - rt.memory_allocated())
+        kept = rt.memory_cached()
         self.host.reserve(kept)
         self.reserved_reported = kept
         lent = max(0, working_set - rt.memory_reserved())
@@ -605,8 +605,7 @@ class _Run:
         # Only the cached blocks: the next step reuses them, yet the host counts them as free. The
         # live tensors (and a ComfyUI MODEL's weights) are already gone from what the host sees as
         # free; reserving them too took them off ComfyUI's budget twice and starved its renders.
-        rt = self.runtime
-        reserved = max(0, rt.memory_reserved() - rt.memory_allocated())
+        reserved = self.runtime.memory_cached()
         if self.reserved_reported is None or abs(reserved - self.reserved_reported) >= _RESERVE_DELTA:
             self.host.reserve(reserved)
             self.reserved_reported = reserved

@@ -211,6 +211,10 @@ class Runtime:
             return int(torch.cuda.memory_allocated(self.device))
         return 0
 
+    def memory_cached(self) -> int:
+        """Bytes the allocator holds beyond the live tensors: free blocks it keeps for reuse."""
+        return max(0, self.memory_reserved() - self.memory_allocated())
+
     def empty_cache(self) -> None:
         """Give the allocator's unused blocks back to the driver (a no-op on the CPU)."""
         if self.device.type == "cuda":
